@@ -1,0 +1,3 @@
+from poolfs.cli import main
+
+raise SystemExit(main())

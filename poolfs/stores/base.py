@@ -1,0 +1,150 @@
+"""The store interface: what the filesystem core needs from a blob store.
+
+Invariants every store keeps (the contract suite in tests/test_store_contract.py checks them):
+
+- Keys are relative to the pool root, `/`-separated, never start with `/`. A key ending in `/`
+  is a directory marker (`a/b/`); the empty key `""` is the pool root's marker.
+- Objects are immutable blobs with a version tag (`etag`): any change of content or metadata
+  gives a new `ObjectInfo` (new etag or new `last_modified_ns`).
+- `get_range` with `if_match` never returns bytes of another version: it raises `Changed`.
+- `put_*` is atomic: readers see the old object or the new one, never a mix.
+- User metadata is a flat `dict[str, str]` of lowercase ASCII keys and ASCII values.
+- Every failure is one of the `StoreError` kinds below; retries happen inside the store, so a
+  `Transient` error means retries already ran out (bounded total time).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+
+class StoreError(Exception):
+    """Base of every error a store raises. `key` names the object, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class NotFound(StoreError):
+    """The object (or bucket / base directory) does not exist."""
+
+
+class Denied(StoreError):
+    """The credentials are not allowed to do this."""
+
+
+class Transient(StoreError):
+    """Unreachable, timed out or failing after the store's own retries ran out."""
+
+
+class Throttled(Transient):
+    """The store kept asking us to slow down, past the retry budget."""
+
+
+class Changed(StoreError):
+    """`if_match` did not match: the object changed (or vanished) since it was pinned."""
+
+
+class TooLarge(StoreError):
+    """The store refuses an object this size."""
+
+
+class InvalidStoreURL(ValueError):
+    """A store URL that cannot be used; the message names what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object as a listing, HEAD, GET or PUT reports it.
+
+    `metadata` is None when the source cannot tell (S3 listings carry no user metadata);
+    an empty dict means "known to have none".
+    """
+
+    key: str
+    size: int
+    etag: str
+    last_modified_ns: int
+    metadata: Mapping[str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a delimiter listing below a prefix.
+
+    `objects` are keys directly below the prefix (including the prefix's own marker, if any);
+    `prefixes` are the common prefixes (sub-"directories"), each ending in `/`.
+    """
+
+    objects: tuple[ObjectInfo, ...]
+    prefixes: tuple[str, ...]
+
+
+class Store(abc.ABC):
+    """A blob store holding one pool. Thread-safe: the filesystem calls it from many threads."""
+
+    url: str
+    # False where the pool root cannot carry a marker object (S3 with an empty prefix):
+    # the root directory's mode and mtime are then not persisted.
+    has_root_marker: bool = True
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise a StoreError unless the store is reachable and the pool root usable."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Info with metadata of one object. NotFound if absent."""
+
+    @abc.abstractmethod
+    def get_range(
+        self, key: str, start: int, end: int | None, if_match: str | None = None
+    ) -> tuple[bytes, ObjectInfo]:
+        """Bytes [start, end) of an object (end None: to the end) and its info with metadata.
+
+        Reading past the end returns fewer bytes (possibly none), never an error: a range
+        starting at or beyond the size (including on an empty object) returns b"".
+        """
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> ObjectInfo:
+        """Create or replace an object atomically; returns the new info (with metadata)."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str, metadata: Mapping[str, str]) -> ObjectInfo:
+        """Upload a local file (large ones in parallel parts); returns when durable."""
+
+    @abc.abstractmethod
+    def set_metadata(self, key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+        """Replace the user metadata of an existing object, content unchanged."""
+
+    @abc.abstractmethod
+    def copy(self, src: str, dst: str, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+        """Server-side copy; metadata None keeps the source's metadata."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object. Deleting a missing key is not an error."""
+
+    @abc.abstractmethod
+    def list_pages(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+        """Pages of the keys below `prefix` ("" or ending in "/"), in key order.
+
+        With delimiter "/", keys deeper than one level are folded into `prefixes`;
+        with delimiter None every key below the prefix is listed.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, default is nothing to release
+        """Release connections and thread pools."""
+
+    def list_all(self, prefix: str, delimiter: str | None = "/") -> ListPage:
+        """All pages of `list_pages` joined."""
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        for page in self.list_pages(prefix, delimiter):
+            objects.extend(page.objects)
+            prefixes.extend(page.prefixes)
+        return ListPage(tuple(objects), tuple(prefixes))

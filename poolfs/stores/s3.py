@@ -1,0 +1,679 @@
+"""S3 (and S3-compatible) store: `s3://BUCKET/PREFIX`.
+
+The only module in poolfs that imports boto3, botocore or s3transfer.
+
+Invariants a newcomer must keep:
+
+- Keys are relative to the pool root; the S3 key is always `prefix + key` (`prefix` is "" or
+  ends in "/"). The root marker `""` is the S3 object named `prefix` itself; with an empty
+  prefix there is no such object, so `has_root_marker` is False, `head("")` raises NotFound and
+  writing `""` raises StoreError. Listings strip `prefix` again, so callers never see it.
+- One boto3 client per store, created in `__init__` and shared by every thread (botocore
+  clients are thread-safe; sessions are not, so the session is used only to build the client).
+  Its connection pool is sized for `max_concurrency` parallel part transfers from several
+  threads at once (`_pool_size`).
+- Bounded time. Every request runs under botocore's "standard" retry mode with an attempt
+  count and connect/read timeouts derived from `StoreOptions.timeout` = T (`time_budget`):
+
+      attempts = 1 if T < 4, 2 if T < 12, else 3
+      backoff  = sum(min(2**i, 20) for i in range(attempts - 1))   # worst-case retry sleeps
+      per_try  = (T - backoff) / attempts
+      connect_timeout = min(per_try / 3, 3);  read_timeout = per_try - connect_timeout
+
+  so attempts * (connect + read) + backoff <= T (T = 30: 3 attempts, 3 s connect, 6 s read).
+  The worst-case backoff assumes throttling (1 s base scale); other retries back off from 50 ms,
+  so a refused connection fails in well under a second. botocore's "Expect: 100-continue"
+  is switched off because its fixed 1 s wait per PUT attempt sits outside these timeouts.
+  Caveats: read_timeout bounds each socket wait, not a whole transfer, so a large body that
+  keeps trickling may take longer; an `x-amz-retry-after` header may add up to 5 s per retry;
+  operations of several requests (set_metadata and copy: HEAD then COPY; multipart uploads
+  and managed copies: one request per part) bound each request and stop at the first failure.
+  Reading a GET body is outside botocore's retry loop, so `get_range` retries a broken body
+  itself while a whole attempt still fits before its deadline.
+- Errors: every boto exception goes through `_map_error` (one table), is re-raised as a
+  StoreError kind carrying the pool-relative key, and is chained (`raise ... from exc`).
+- Versions: `etag` (quotes stripped) is the version identity. `last_modified_ns` has whole-second
+  resolution: HEAD/GET carry an HTTP date (seconds), so the milliseconds of ListObjectsV2 are
+  dropped to make listing and HEAD agree. PUT responses carry no LastModified; put_* report the
+  response's Last-Modified header if the server sends one, else its Date, which may differ by a
+  second from a later HEAD. Metadata-only changes (set_metadata) keep a single-part object's
+  etag on S3; the bytes are unchanged, so `if_match` readers still never mix contents.
+- Checksums: request checksums are sent only where the API requires them
+  (`request_checksum_calculation="when_required"`, botocore's default before 1.36):
+  aws-chunked trailing checksums are not understood by every S3-compatible server.
+- Large files: `put_file` uploads below `multipart_threshold` with one PutObject, above it in
+  parallel parts (`_put_multipart`, measured as fast as s3transfer's managed upload). A failed
+  multipart upload is aborted; if the abort itself fails (the store is down) the upload id is
+  logged, and a bucket lifecycle rule (AbortIncompleteMultipartUpload) is what reclaims the
+  parts. Copies of sources of `single_copy_limit` or more use s3transfer's managed parallel
+  part copy, so each request stays short and > 5 GiB sources work.
+- Directory markers on SeaweedFS (measured with 4.48): `dir/` keys become filer directories,
+  which drop user metadata (HEAD shows `{}`) and cannot be a CopyObject source. The store
+  rewrites empty markers with PUT instead of copying them, so set_metadata and copy work;
+  the metadata itself is not kept by that server (directory modes and times do not persist).
+  SeaweedFS also lists without delimiter in directory-walk order ("a/x" before "a b"), not
+  in byte order; listings with delimiter "/" are in order within each page.
+"""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import datetime
+import email.utils
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.handlers
+import s3transfer.manager
+
+from poolfs.stores import StoreOptions
+from poolfs.stores.base import (
+    Changed,
+    Denied,
+    ListPage,
+    NotFound,
+    ObjectInfo,
+    Store,
+    StoreError,
+    Throttled,
+    TooLarge,
+    Transient,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, CopySourceTypeDef
+
+log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+
+# S3 allows at most 10,000 parts per multipart upload.
+_MAX_PARTS = 10_000
+_PAGE_SIZE = 1000
+# Headers a metadata-replacing copy would otherwise reset to defaults.
+_KEPT_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage")
+
+# --- error mapping: the one table ------------------------------------------------------------
+
+_CODE_KINDS: dict[str, type[StoreError]] = {
+    "NoSuchKey": NotFound,
+    "NoSuchBucket": NotFound,
+    "NoSuchUpload": NotFound,
+    "NotFound": NotFound,
+    "AccessDenied": Denied,
+    "AllAccessDisabled": Denied,
+    "InvalidAccessKeyId": Denied,
+    "SignatureDoesNotMatch": Denied,
+    "ExpiredToken": Denied,
+    "InvalidToken": Denied,
+    "SlowDown": Throttled,
+    "Throttling": Throttled,
+    "ThrottlingException": Throttled,
+    "RequestLimitExceeded": Throttled,
+    "TooManyRequests": Throttled,
+    "TooManyRequestsException": Throttled,
+    "RequestThrottled": Throttled,
+    "BandwidthLimitExceeded": Throttled,
+    "PreconditionFailed": Changed,
+    "EntityTooLarge": TooLarge,
+    "RequestTimeout": Transient,
+    "InternalError": Transient,
+    "ServiceUnavailable": Transient,
+}
+# Used when the error code is not in the table (HEAD errors carry only the status as code).
+_STATUS_KINDS: dict[int, type[StoreError]] = {
+    404: NotFound,
+    403: Denied,
+    401: Denied,
+    412: Changed,
+    429: Throttled,
+    503: Throttled,
+}
+
+
+def _map_error(op: str, where: str, key: str | None, exc: BaseException) -> StoreError:
+    """The one mapping from boto exceptions to store errors (the caller chains `exc`)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        text = error.get("Message") or code
+        kind = _CODE_KINDS.get(code) or _STATUS_KINDS.get(status)
+        if kind is None:
+            kind = Transient if status >= 500 else StoreError
+        if code == "NoSuchBucket":
+            text = "bucket does not exist"
+        return kind(f"s3 {op} {where}: {text} ({code or '-'}, HTTP {status})", key)
+    if isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.IncompleteReadError,
+    ):
+        return Transient(f"s3 {op} {where}: store unreachable or not answering: {exc}", key)
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return Denied(f"s3 {op} {where}: no usable AWS credentials: {exc}", key)
+    return StoreError(f"s3 {op} {where}: {type(exc).__name__}: {exc}", key)
+
+
+_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+# --- time budget -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TimeBudget:
+    """Retry and timeout settings whose worst case fits in one operation's `timeout`."""
+
+    attempts: int
+    connect_timeout: float
+    read_timeout: float
+
+
+def time_budget(timeout: float) -> TimeBudget:
+    """The formula in the module docstring."""
+    attempts = 1 if timeout < 4 else 2 if timeout < 12 else 3
+    backoff = sum(min(2.0**i, 20.0) for i in range(attempts - 1))
+    per_try = (timeout - backoff) / attempts
+    connect = min(per_try / 3, 3.0)
+    return TimeBudget(attempts, connect, per_try - connect)
+
+
+def _pool_size(options: StoreOptions) -> int:
+    # A multipart upload, a managed copy and a parallel read-ahead may each run
+    # max_concurrency requests while FUSE threads issue HEADs and GETs; urllib3 would log
+    # "connection pool is full" and churn connections if the pool were smaller.
+    return 4 * options.max_concurrency + 16
+
+
+# --- small converters ------------------------------------------------------------------------
+
+
+def _unquote(etag: str) -> str:
+    return etag.strip('"')
+
+
+def _quote(etag: str) -> str:
+    return f'"{etag}"'
+
+
+def _seconds_ns(when: datetime.datetime) -> int:
+    return calendar.timegm(when.utctimetuple()) * 1_000_000_000
+
+
+def _response_time_ns(response: Mapping[str, Any]) -> int:
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    for name in ("last-modified", "date"):
+        value = headers.get(name)
+        if value:
+            try:
+                return _seconds_ns(email.utils.parsedate_to_datetime(value))
+            except (TypeError, ValueError):
+                continue
+    return time.time_ns() // 1_000_000_000 * 1_000_000_000
+
+
+def _is_marker(key: str) -> bool:
+    return key == "" or key.endswith("/")
+
+
+def _range_size(content_range: str) -> int | None:
+    # "bytes 0-9/100" -> 100; "bytes */100" -> 100; "bytes 0-9/*" -> None
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+class S3Store(Store):
+    """A pool stored under `s3://bucket/prefix`. Thread-safe; see the module docstring."""
+
+    # Sources at least this large are copied (and re-tagged by set_metadata) with s3transfer's
+    # parallel part copy: one CopyObject must finish within read_timeout and cannot exceed
+    # 5 GiB. Measured on SeaweedFS: 256 MiB took 1.3 s as one CopyObject, 0.8 s in parts.
+    single_copy_limit: int = 256 * 1024 * 1024
+
+    def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"S3 prefix must be empty or end in '/': {prefix!r}")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.options = options
+        self.url = f"s3://{bucket}/{prefix}"
+        self.has_root_marker = bool(prefix)
+        self.budget = time_budget(options.timeout)
+        session = boto3.session.Session()
+        region = options.region or session.region_name or "us-east-1"
+        config_args: dict[str, Any] = {
+            "region_name": region,
+            "signature_version": "s3v4",
+            "retries": {"mode": "standard", "total_max_attempts": self.budget.attempts},
+            "connect_timeout": self.budget.connect_timeout,
+            "read_timeout": self.budget.read_timeout,
+            "max_pool_connections": _pool_size(options),
+            "tcp_keepalive": True,
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        if options.endpoint_url:
+            # Local servers (SeaweedFS, moto on 127.0.0.1) have no per-bucket DNS names.
+            # Endpoints from AWS_ENDPOINT_URL(_S3) get path style from botocore itself.
+            config_args["s3"] = {"addressing_style": "path"}
+        self._client: S3Client = session.client(
+            "s3",
+            endpoint_url=options.endpoint_url,
+            config=botocore.config.Config(**config_args),
+        )
+        self.endpoint_url = self._client.meta.endpoint_url
+        # botocore sends "Expect: 100-continue" with every PUT and, when a server does not
+        # answer it, waits a fixed second per attempt before sending the body. That second is
+        # outside connect/read timeouts and broke the time budget (a PUT to a silent server
+        # took 1.7 s with timeout=1). Small PUTs to SeaweedFS were no slower without it.
+        self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def _s3key(self, key: str) -> str:
+        if key.startswith("/"):
+            raise StoreError(f"invalid key {key!r}: keys are relative to the pool root", key)
+        return self.prefix + key
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def _writable_key(self, key: str) -> str:
+        if key == "" and not self.has_root_marker:
+            raise StoreError(
+                f"{self.url}: the pool root has no marker object when the S3 prefix is empty",
+                key,
+            )
+        return self._s3key(key)
+
+    def _fail(self, op: str, key: str, exc: BaseException) -> NoReturn:
+        raise _map_error(op, self._where(key), key, exc) from exc
+
+    # --- info --------------------------------------------------------------------------------
+
+    def _no_root_marker(self, op: str, if_match: str | None) -> StoreError:
+        kind = NotFound if if_match is None else Changed
+        return kind(f"s3 {op} {self.url}: the pool root has no marker object (empty prefix)", "")
+
+    def _head_raw(self, op: str, key: str, if_match: str | None = None) -> dict[str, Any]:
+        if key == "" and not self.has_root_marker:
+            raise self._no_root_marker(op, if_match)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._s3key(key)}
+        if if_match is not None:
+            args["IfMatch"] = _quote(if_match)
+        try:
+            response = self._client.head_object(**args)
+        except botocore.exceptions.ClientError as exc:
+            if if_match is not None and _status(exc) == 404:
+                raise Changed(f"s3 {op} {self._where(key)}: object vanished", key) from exc
+            self._fail(op, key, exc)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._fail(op, key, exc)
+        result: dict[str, Any] = dict(response)
+        if if_match is not None and _unquote(result["ETag"]) != if_match:
+            # The server ignored If-Match; never report another version as the pinned one.
+            raise Changed(f"s3 {op} {self._where(key)}: object changed", key)
+        return result
+
+    @staticmethod
+    def _info(key: str, size: int, response: Mapping[str, Any]) -> ObjectInfo:
+        return ObjectInfo(
+            key,
+            size,
+            _unquote(response["ETag"]),
+            _seconds_ns(response["LastModified"]),
+            dict(response.get("Metadata", {})),
+        )
+
+    # --- Store API ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        where = f"s3://{self.bucket} at {self.endpoint_url}"
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            status = _status(exc)
+            if status == 404 or _code(exc) == "NoSuchBucket":
+                raise NotFound(f"bucket {self.bucket!r} does not exist ({where})") from exc
+            if status in (401, 403):
+                raise Denied(
+                    f"access to bucket {self.bucket!r} denied ({where}); check the credentials"
+                ) from exc
+            raise _map_error("check", where, None, exc) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _map_error("check", where, None, exc) from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        response = self._head_raw("head", key)
+        return self._info(key, int(response["ContentLength"]), response)
+
+    def get_range(
+        self, key: str, start: int, end: int | None, if_match: str | None = None
+    ) -> tuple[bytes, ObjectInfo]:
+        if start < 0:
+            raise ValueError(f"negative range start {start}")
+        if end is not None and end <= start:
+            return b"", self._head_after_empty_range(key, if_match)
+        if key == "" and not self.has_root_marker:
+            raise self._no_root_marker("get", if_match)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._s3key(key),
+            "Range": f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}",
+        }
+        if if_match is not None:
+            args["IfMatch"] = _quote(if_match)
+        deadline = time.monotonic() + self.options.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._client.get_object(**args)
+            except botocore.exceptions.ClientError as exc:
+                if _status(exc) == 416 or _code(exc) == "InvalidRange":
+                    return b"", self._head_after_empty_range(key, if_match)
+                if if_match is not None and _status(exc) == 404:
+                    raise Changed(f"s3 get {self._where(key)}: object vanished", key) from exc
+                self._fail("get", key, exc)
+            except botocore.exceptions.BotoCoreError as exc:
+                self._fail("get", key, exc)
+            body = response["Body"]
+            try:
+                data = body.read()
+            except botocore.exceptions.BotoCoreError as exc:
+                # The body is read outside botocore's retry loop; the partial bytes are
+                # dropped, so a fresh GET cannot mix versions (if_match still pins it).
+                per_try = self.budget.connect_timeout + self.budget.read_timeout
+                if attempt < self.budget.attempts and time.monotonic() + per_try < deadline:
+                    log.debug("s3 get %s: body read failed, retrying: %s", key, exc)
+                    continue
+                self._fail("get", key, exc)
+            finally:
+                body.close()
+            break
+        etag = _unquote(response["ETag"])
+        if if_match is not None and etag != if_match:
+            raise Changed(f"s3 get {self._where(key)}: object changed", key)
+        content_range = response.get("ContentRange")
+        if not content_range:
+            # The server ignored Range and sent the whole object.
+            return data[start:end], self._info(key, len(data), response)
+        size = _range_size(content_range)
+        if size is None:
+            # "bytes 0-9/*": total unknown to the server's response; ask for this version.
+            return data, self._head_after_empty_range(key, etag)
+        return data, self._info(key, size, response)
+
+    def _head_after_empty_range(self, key: str, if_match: str | None) -> ObjectInfo:
+        response = self._head_raw("get", key, if_match)
+        return self._info(key, int(response["ContentLength"]), response)
+
+    def put_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> ObjectInfo:
+        s3key = self._writable_key(key)
+        meta = dict(metadata)
+        try:
+            response = self._client.put_object(
+                Bucket=self.bucket, Key=s3key, Body=bytes(data), Metadata=meta
+            )
+        except _BOTO_ERRORS as exc:
+            self._fail("put", key, exc)
+        return ObjectInfo(
+            key, len(data), _unquote(response["ETag"]), _response_time_ns(response), meta
+        )
+
+    def put_file(self, key: str, path: str, metadata: Mapping[str, str]) -> ObjectInfo:
+        s3key = self._writable_key(key)
+        meta = dict(metadata)
+        with open(path, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            if size >= self.options.multipart_threshold:
+                return self._put_multipart(key, s3key, source, size, meta)
+            try:
+                response = self._client.put_object(
+                    Bucket=self.bucket, Key=s3key, Body=source, Metadata=meta
+                )
+            except _BOTO_ERRORS as exc:
+                self._fail("put", key, exc)
+        return ObjectInfo(key, size, _unquote(response["ETag"]), _response_time_ns(response), meta)
+
+    def _put_multipart(
+        self, key: str, s3key: str, source: Any, size: int, meta: dict[str, str]
+    ) -> ObjectInfo:
+        """Upload `source` in parallel parts; abort the upload on any failure.
+
+        Own parts rather than s3transfer's managed upload: measured equal speed (256 MiB to
+        SeaweedFS on 127.0.0.1, 8 MiB parts, 8 in parallel, median of 6 runs: own 173 MB/s,
+        managed 173 MB/s, 0.35 s client CPU each; the server is the bottleneck), and this
+        needs no HEAD afterwards, streams each part from the file with pread (no part
+        buffers in memory) and aborts explicitly.
+        """
+        chunk = max(self.options.multipart_chunksize, -(-size // _MAX_PARTS))
+        count = -(-size // chunk)
+        try:
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=s3key, Metadata=meta
+            )["UploadId"]
+        except _BOTO_ERRORS as exc:
+            self._fail("put", key, exc)
+        fd = source.fileno()
+
+        def upload_part(number: int) -> CompletedPartTypeDef:
+            offset = (number - 1) * chunk
+            response = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=s3key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=_PartView(fd, offset, min(chunk, size - offset)),  # type: ignore[arg-type]
+            )
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        try:
+            parts = _run_parallel(upload_part, range(1, count + 1), self.options.max_concurrency)
+            response = self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=s3key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:
+            self._abort_upload(key, s3key, upload_id)
+            if isinstance(exc, _BOTO_ERRORS):
+                self._fail("put", key, exc)
+            raise
+        return ObjectInfo(key, size, _unquote(response["ETag"]), _response_time_ns(response), meta)
+
+    def _abort_upload(self, key: str, s3key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id)
+        except _BOTO_ERRORS as exc:
+            log.warning(
+                "s3 put %s: could not abort multipart upload %s of %s (%s); its parts stay "
+                "until a lifecycle rule removes them",
+                key,
+                upload_id,
+                self._where(key),
+                exc,
+            )
+
+    def set_metadata(self, key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+        self._writable_key(key)
+        source = self._head_raw("set_metadata", key)
+        return self._copy("set_metadata", key, source, key, dict(metadata))
+
+    def copy(self, src: str, dst: str, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+        self._writable_key(dst)
+        source = self._head_raw("copy", src)
+        meta = dict(source.get("Metadata", {})) if metadata is None else dict(metadata)
+        return self._copy("copy", src, source, dst, meta)
+
+    def _copy(
+        self, op: str, src: str, source: Mapping[str, Any], dst: str, meta: dict[str, str]
+    ) -> ObjectInfo:
+        """Copy the version `source` (a HEAD response of `src`) to `dst` with `meta`.
+
+        Always REPLACE with explicit metadata: that is how a copy onto itself is allowed, and
+        it makes single and multipart copies behave the same. CopySourceIfMatch pins the
+        source version, so size and metadata in the returned info are the ones copied.
+        Empty directory markers are written with a PUT instead: same result, and SeaweedFS
+        keeps `dir/` keys as directories that CopyObject reports as NoSuchKey.
+        """
+        size = int(source["ContentLength"])
+        if size == 0 and _is_marker(src) and _is_marker(dst):
+            return self.put_bytes(dst, b"", meta)
+        extra: dict[str, Any] = {
+            "Metadata": meta,
+            "MetadataDirective": "REPLACE",
+            "CopySourceIfMatch": source["ETag"],
+        }
+        extra.update({name: source[name] for name in _KEPT_HEADERS if source.get(name)})
+        copy_source: CopySourceTypeDef = {"Bucket": self.bucket, "Key": self._s3key(src)}
+        dst_key = self._s3key(dst)
+        try:
+            if size < self.single_copy_limit:
+                response = self._client.copy_object(
+                    Bucket=self.bucket, Key=dst_key, CopySource=copy_source, **extra
+                )
+                result = response["CopyObjectResult"]
+                return ObjectInfo(
+                    dst,
+                    size,
+                    _unquote(result["ETag"]),
+                    _seconds_ns(result["LastModified"]),
+                    meta,
+                )
+            self._managed_copy(copy_source, dst_key, size, extra)
+            response_head = self._head_raw(op, dst)
+        except _BOTO_ERRORS as exc:
+            if isinstance(exc, botocore.exceptions.ClientError) and _status(exc) == 412:
+                raise Changed(f"s3 {op} {self._where(src)}: source changed", src) from exc
+            self._fail(op, src, exc)
+        return self._info(dst, int(response_head["ContentLength"]), response_head)
+
+    def _managed_copy(
+        self, copy_source: CopySourceTypeDef, dst_key: str, size: int, extra: dict[str, Any]
+    ) -> None:
+        config = s3transfer.manager.TransferConfig(
+            multipart_threshold=self.options.multipart_threshold,
+            multipart_chunksize=max(self.options.multipart_chunksize, -(-size // _MAX_PARTS)),
+            max_request_concurrency=self.options.max_concurrency,
+        )
+        with s3transfer.manager.TransferManager(self._client, config) as manager:
+            future = manager.copy(copy_source, self.bucket, dst_key, extra_args=extra)
+            future.result()
+
+    def delete(self, key: str) -> None:
+        if key == "" and not self.has_root_marker:
+            return
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._s3key(key))
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "NoSuchKey":
+                return
+            self._fail("delete", key, exc)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._fail("delete", key, exc)
+
+    def list_pages(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+        cut = len(self.prefix)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._s3key(prefix),
+            "PaginationConfig": {"PageSize": _PAGE_SIZE},
+        }
+        if delimiter:
+            args["Delimiter"] = delimiter
+        pages = iter(self._client.get_paginator("list_objects_v2").paginate(**args))
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except _BOTO_ERRORS as exc:
+                self._fail("list", prefix, exc)
+            objects = tuple(
+                ObjectInfo(
+                    item["Key"][cut:],
+                    int(item["Size"]),
+                    _unquote(item["ETag"]),
+                    _seconds_ns(item["LastModified"]),
+                )
+                for item in page.get("Contents", ())
+            )
+            prefixes = tuple(item["Prefix"][cut:] for item in page.get("CommonPrefixes", ()))
+            yield ListPage(objects, prefixes)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _run_parallel(work: Callable[[int], _R], items: range, concurrency: int) -> list[_R]:
+    """Results of `work` over `items` in order, at most `concurrency` at a time.
+
+    The first failure cancels what has not started and is raised once the running calls
+    finish, so no part request outlives the call.
+    """
+    workers = max(1, min(concurrency, len(items)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poolfs-s3-part") as pool:
+        futures: list[Future[_R]] = [pool.submit(work, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+class _PartView:
+    """A read-only, seekable file view of `length` bytes at `offset` of `fd`."""
+
+    # botocore sizes the body with len(), streams it with read() and rewinds it with
+    # seek(0) before a retry; positions are relative to the part.
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._length - self._pos
+
+    def read(self, amount: int = -1) -> bytes:
+        left = self._length - self._pos
+        if amount < 0 or amount > left:
+            amount = left
+        data = os.pread(self._fd, amount, self._offset + self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, where: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, min(self._length, base + where))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
