@@ -1,0 +1,416 @@
+"""`poolfs mount` and `poolfs umount`.
+
+`poolfs mount` without --foreground starts a worker (the same command with --foreground and a
+readiness pipe) in its own session and returns exit 0 only once the kernel mount is live; any
+failure before that is one line on stderr and a non-zero exit. The worker records its PID in a
+state file so that `poolfs umount` can wait for it to finish flushing and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from poolfs.fs.config import DEFAULT_MAX_FILE_SIZE, FSConfig
+from poolfs.mounts import find_mount, mount_state_dir
+from poolfs.stores import InvalidStoreURL, StoreError, StoreOptions, open_store
+
+log = logging.getLogger("poolfs.mount")
+
+READY = "ready"
+
+
+class MountError(Exception):
+    """A reason the mount cannot be made, shown to the user as one line."""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    m = sub.add_parser(
+        "mount",
+        help="mount a pool as a directory",
+        description="Mount the pool at POOL_URL (s3://BUCKET/PREFIX, file:///DIR, mem://NAME) "
+        "on MOUNTPOINT. Returns once the mount is ready.",
+    )
+    m.add_argument("pool_url", metavar="POOL_URL")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("--read-only", action="store_true", help="mount read-only (kernel ro)")
+    m.add_argument("--foreground", action="store_true", help="run in this process")
+    m.add_argument(
+        "--max-file-size",
+        type=int,
+        default=DEFAULT_MAX_FILE_SIZE,
+        metavar="BYTES",
+        help="largest file a write may produce (default 500 MiB)",
+    )
+    m.add_argument(
+        "--spill-dir",
+        default=_default_spill(),
+        metavar="DIR",
+        help="staging area for writes; failed uploads kept in DIR/lost+found",
+    )
+    m.add_argument("--metadata-ttl", type=float, default=1.0, metavar="SECONDS")
+    m.add_argument("--uid", type=int, default=os.getuid(), metavar="N")
+    m.add_argument("--gid", type=int, default=os.getgid(), metavar="N")
+    m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    m.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: boto3 chain)")
+    m.add_argument(
+        "--store-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="bound on one store operation, retries included (default 30)",
+    )
+    m.add_argument(
+        "--log-file", metavar="FILE", help="worker log (default: SPILL_DIR/logs/<mountpoint>.log)"
+    )
+    m.add_argument("--debug", action="store_true", help="verbose logging")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="flush, unmount and wait for the mount worker to exit")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--lazy", action="store_true", help="detach even if files are open")
+    u.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for pending uploads (default 600)",
+    )
+    u.set_defaults(func=cmd_umount)
+
+
+def _default_spill() -> str:
+    return "/var/tmp/poolfs" if os.geteuid() == 0 else f"/var/tmp/poolfs-{os.getuid()}"
+
+
+def _fail(msg: str) -> int:
+    print(f"poolfs: {msg}", file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------------------------- mount
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if args.foreground:
+        return _run_worker(args)
+    return _spawn_worker(args)
+
+
+def _log_file(args: argparse.Namespace, mountpoint: str) -> str:
+    if args.log_file:
+        return str(os.path.abspath(args.log_file))
+    name = mountpoint.strip("/").replace("/", "_") or "root"
+    return os.path.join(os.path.abspath(args.spill_dir), "logs", f"{name}.log")
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == 107:  # ENOTCONN: a FUSE mount whose daemon died
+            raise MountError(
+                f"mountpoint {mountpoint} has a stale FUSE mount (clean it: fusermount -uz "
+                f"{mountpoint})"
+            ) from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint) or st is None:
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    if os.listdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def _spawn_worker(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    try:
+        # Cheap checks first, so the common mistakes answer instantly.
+        open_store(args.pool_url)
+        _check_mountpoint(mountpoint)
+    except (InvalidStoreURL, MountError) as exc:
+        return _fail(str(exc))
+    log_file = _log_file(args, mountpoint)
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    cmd = [
+        sys.executable,
+        "-m",
+        "poolfs",
+        "mount",
+        args.pool_url,
+        mountpoint,
+        "--foreground",
+        "--ready-fd",
+        str(write_fd),
+        "--log-file",
+        log_file,
+        "--max-file-size",
+        str(args.max_file_size),
+        "--spill-dir",
+        args.spill_dir,
+        "--metadata-ttl",
+        str(args.metadata_ttl),
+        "--uid",
+        str(args.uid),
+        "--gid",
+        str(args.gid),
+        "--store-timeout",
+        str(args.store_timeout),
+    ]
+    for flag in ("read_only", "allow_other", "debug"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    if args.endpoint_url:
+        cmd += ["--endpoint-url", args.endpoint_url]
+    env = dict(os.environ)
+    # Big request buffers would otherwise be page-faulted in on every FUSE request.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "67108864")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
+    with open(log_file, "ab") as log_out:
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+            env=env,
+            close_fds=True,
+        )
+    os.close(write_fd)
+    deadline = time.monotonic() + args.store_timeout + 30
+    message = b""
+    try:
+        while b"\n" not in message:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                proc.wait()
+                _cleanup_failed(mountpoint)
+                return _fail(f"mount of {args.pool_url} on {mountpoint} timed out; see {log_file}")
+            ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(read_fd, 4096)
+                if not chunk:
+                    break
+                message += chunk
+    finally:
+        os.close(read_fd)
+    line = message.decode(errors="replace").strip()
+    if line == READY:
+        return 0
+    if line:
+        proc.wait()
+        return _fail(line)
+    code = proc.wait()
+    _cleanup_failed(mountpoint)
+    return _fail(f"mount worker exited with code {code}: {_last_line(log_file)}")
+
+
+def _cleanup_failed(mountpoint: str) -> None:
+    if find_mount(mountpoint) is not None:
+        subprocess.run(["fusermount", "-uz", mountpoint], check=False, capture_output=True)
+
+
+def _last_line(path: str) -> str:
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+        if lines:
+            return lines[-1]
+    return f"no output (see {path})"
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    handler: logging.Handler
+    if args.log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
+        handler = logging.FileHandler(args.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not args.debug else logging.INFO)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from poolfs.fs.core import PoolFS
+    from poolfs.fs.fuse_ops import serve
+
+    _setup_logging(args)
+    mountpoint = os.path.abspath(args.mountpoint)
+    ready_fd: int | None = args.ready_fd
+
+    def report(line: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, (line + "\n").encode())
+                os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        config = FSConfig(
+            read_only=args.read_only,
+            max_file_size=args.max_file_size,
+            spill_dir=args.spill_dir,
+            metadata_ttl=args.metadata_ttl,
+            uid=args.uid,
+            gid=args.gid,
+        )
+        options = StoreOptions(endpoint_url=args.endpoint_url, timeout=args.store_timeout)
+        store = open_store(args.pool_url, options)
+        _check_mountpoint(mountpoint)
+        try:
+            store.check()
+        except StoreError as exc:
+            raise MountError(f"store {args.pool_url} unreachable: {exc}") from exc
+        if shutil.which("fusermount") is None:
+            raise MountError("fusermount not found: install fuse3 and libfuse2")
+        fs = PoolFS(store, config)
+    except (InvalidStoreURL, MountError, ValueError, OSError) as exc:
+        log.error("mount failed: %s", exc)
+        report(f"error: {exc}")
+        return 1
+
+    state_file = os.path.join(mount_state_dir(), _state_name(mountpoint))
+    result: dict[str, Any] = {"failed": None}
+
+    def ready() -> None:
+        _write_state(
+            state_file,
+            {
+                "pid": os.getpid(),
+                "mountpoint": mountpoint,
+                "url": args.pool_url,
+                "log_file": args.log_file,
+            },
+        )
+        log.info(
+            "mounted %s on %s (%s)",
+            args.pool_url,
+            mountpoint,
+            "read-only" if args.read_only else "read-write",
+        )
+        report(READY)
+
+    def destroyed(failed: list[str]) -> None:
+        result["failed"] = failed
+
+    try:
+        serve(
+            fs,
+            mountpoint,
+            fsname=f"poolfs:{args.pool_url}",
+            allow_other=args.allow_other,
+            on_ready=ready,
+            on_destroy=destroyed,
+            debug=args.debug,
+        )
+    except RuntimeError as exc:
+        report(f"error: FUSE mount on {mountpoint} failed ({exc}); see {args.log_file or 'log'}")
+        log.error("FUSE mount failed: %s", exc)
+        fs.shutdown()
+        return 1
+    finally:
+        if result["failed"] is None and ready_fd is None:
+            result["failed"] = []
+        _write_state(
+            state_file,
+            {
+                "pid": os.getpid(),
+                "mountpoint": mountpoint,
+                "exited": True,
+                "failed": result["failed"],
+            },
+        )
+    failed = result["failed"] or []
+    log.info("unmounted %s%s", mountpoint, f"; {len(failed)} writes lost" if failed else "")
+    return 2 if failed else 0
+
+
+def _state_name(mountpoint: str) -> str:
+    return hashlib.sha1(mountpoint.encode(), usedforsecurity=False).hexdigest() + ".json"
+
+
+def _write_state(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _read_state(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- umount
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return _fail(f"{mountpoint} is not mounted")
+    if not entry.fstype.startswith("fuse"):
+        return _fail(f"{mountpoint} is not a poolfs mount ({entry.fstype})")
+    state_file = os.path.join(mount_state_dir(), _state_name(mountpoint))
+    state = _read_state(state_file) or {}
+    pid = state.get("pid") if not state.get("exited") else None
+    cmd = ["fusermount", "-u", "-z", mountpoint] if args.lazy else ["fusermount", "-u", mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        if "busy" in detail.lower():
+            return _fail(f"{mountpoint} is busy (files are open); close them or use --lazy")
+        return _fail(f"unmount of {mountpoint} failed: {detail}")
+    if isinstance(pid, int):
+        deadline = time.monotonic() + args.timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                return _fail(f"worker {pid} still flushing after {args.timeout:.0f}s")
+            time.sleep(0.05)
+        state = _read_state(state_file) or {}
+        with contextlib.suppress(OSError):
+            os.unlink(state_file)
+        failed = state.get("failed") or []
+        if failed:
+            spill = "lost+found in the spill dir"
+            return _fail(
+                f"unmounted, but {len(failed)} pending writes failed to upload "
+                f"(kept in {spill}): {', '.join(failed)}"
+            )
+    return 0

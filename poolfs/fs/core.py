@@ -1,0 +1,915 @@
+"""The filesystem core: POSIX operations on a pool in a blob store. Never imports fuse.
+
+Concurrency rules (multithreaded FUSE calls every method from many threads):
+- `_lock` guards the caches and the open-file tables; it is never held during store I/O.
+- `_ns_lock` serializes namespace changes (create, mkdir, rmdir, unlink, rename) so that the
+  checks they make (exists? empty?) still hold when they act. Reads and writes never take it.
+- A `StagedFile` has its own lock for its staging data.
+
+Caching rules (close-to-open):
+- Attributes and directory listings are cached for `metadata_ttl` seconds; our own changes
+  update the caches at once. `open` always asks the store (one GET that both revalidates and
+  returns the first block), so a file opened after another node's close sees the new content.
+- getattr of a name in a freshly listed directory is served from the listing: `ls -l` costs
+  LIST requests only. Such entries carry the size and LastModified of the listing plus any
+  POSIX metadata this mount has read for the same version.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from poolfs.fs.config import FSConfig
+from poolfs.fs.errors import PoolFSError, from_store, unexpected
+from poolfs.fs.files import Context, PinnedReader, Spill, StagedFile
+from poolfs.fs.meta import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    NAME_MAX,
+    Node,
+    decode_meta,
+    dir_marker,
+    encode_meta,
+    join,
+    parent_path,
+    path_to_key,
+    valid_name,
+)
+from poolfs.fs.readahead import ByteBudget
+from poolfs.stores import NotFound, ObjectInfo, Store, StoreError
+
+log = logging.getLogger("poolfs.fs")
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+_META_CACHE_SIZE = 200_000
+
+
+def _block_signals() -> None:
+    # Termination signals belong to the main thread, where the FUSE loop's handlers end it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@dataclasses.dataclass(slots=True)
+class _Listing:
+    children: dict[str, Node]
+    expires: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Handle:
+    path: str
+    staged: StagedFile | None
+    reader: PinnedReader | None
+    writable: bool
+    append: bool
+
+
+class PoolFS:
+    """POSIX operations over one `Store`. Errors are `PoolFSError` with the errno to return."""
+
+    def __init__(self, store: Store, config: FSConfig) -> None:
+        self.store = store
+        self.config = config
+        self._lock = threading.RLock()
+        self._ns_lock = threading.RLock()
+        self._nodes: dict[str, tuple[Node | None, float]] = {}
+        self._listings: dict[str, _Listing] = {}
+        # key -> (etag, last_modified second, metadata): POSIX metadata seen for a version.
+        self._meta_seen: collections.OrderedDict[str, tuple[str, int, dict[str, str]]] = (
+            collections.OrderedDict()
+        )
+        self._staged: dict[str, StagedFile] = {}
+        self._readers: dict[str, set[PinnedReader]] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._logged: set[str] = set()
+        self._started_ns = time.time_ns()
+        self._executor = ThreadPoolExecutor(
+            config.io_threads, thread_name_prefix="poolfs-io", initializer=_block_signals
+        )
+        self._spill = Spill(config.spill_dir)
+        self._ctx = Context(
+            store, config, self._executor, ByteBudget(config.readahead_budget), self._spill
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self) -> list[str]:
+        """Upload everything pending, release all handles; returns paths that failed."""
+        failed: list[str] = []
+        with self._lock:
+            staged = list(self._staged.values())
+            handles = list(self._handles)
+        for sf in staged:
+            try:
+                self._upload(sf)
+            except PoolFSError as exc:
+                failed.append(sf.path)
+                log.error("pending write of %r lost at shutdown: %s", sf.path, exc)
+        for fh in handles:
+            with contextlib.suppress(PoolFSError):
+                self.release(fh)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._spill.cleanup()
+        self.store.close()
+        return failed
+
+    # ------------------------------------------------------------------ helpers
+
+    def _now(self) -> int:
+        return time.time_ns()
+
+    def _fresh(self, expires: float) -> bool:
+        return time.monotonic() < expires
+
+    def _expiry(self) -> float:
+        return time.monotonic() + self.config.metadata_ttl
+
+    def _check_writable(self) -> None:
+        if self.config.read_only:
+            raise PoolFSError(errno.EROFS)
+
+    def _mode(self, mode: int) -> int:
+        return mode & ~0o222 if self.config.read_only else mode
+
+    def _log_once(self, tag: str, msg: str, *args: object) -> None:
+        with self._lock:
+            if tag in self._logged:
+                return
+            self._logged.add(tag)
+        log.warning(msg, *args)
+
+    def _remember_meta(self, info: ObjectInfo) -> None:
+        if info.metadata is None:
+            return
+        with self._lock:
+            self._meta_seen[info.key] = (
+                info.etag,
+                info.last_modified_ns // 1_000_000_000,
+                dict(info.metadata),
+            )
+            self._meta_seen.move_to_end(info.key)
+            while len(self._meta_seen) > _META_CACHE_SIZE:
+                self._meta_seen.popitem(last=False)
+
+    def _file_node(self, info: ObjectInfo) -> Node:
+        metadata = info.metadata
+        if metadata is None:
+            with self._lock:
+                seen = self._meta_seen.get(info.key)
+            if seen and seen[0] == info.etag and seen[1] == info.last_modified_ns // 1_000_000_000:
+                metadata = seen[2]
+        else:
+            self._remember_meta(info)
+        mode, mtime, atime, has = decode_meta(metadata, info.last_modified_ns, DEFAULT_FILE_MODE)
+        return Node(
+            False, info.size, self._mode(mode), mtime, atime, max(mtime, atime), info.etag, has
+        )
+
+    def _dir_node(self, info: ObjectInfo | None, marker_key: str) -> Node:
+        metadata = info.metadata if info is not None else None
+        if info is not None and metadata is None:
+            with self._lock:
+                seen = self._meta_seen.get(marker_key)
+            metadata = seen[2] if seen else None
+        elif info is not None:
+            self._remember_meta(info)
+        base_time = info.last_modified_ns if info is not None else self._started_ns
+        mode, mtime, atime, has = decode_meta(metadata, base_time, DEFAULT_DIR_MODE)
+        return Node(True, 0, self._mode(mode), mtime, atime, mtime, None, has, info is not None)
+
+    def _set_node(self, path: str, node: Node | None) -> None:
+        """Record our own change of `path` in both caches."""
+        with self._lock:
+            self._nodes[path] = (node, self._expiry())
+            if path == "/":
+                return
+            parent = self._listings.get(parent_path(path))
+            if parent is not None:
+                name = path.rsplit("/", 1)[1]
+                if node is None:
+                    parent.children.pop(name, None)
+                else:
+                    parent.children[name] = node
+
+    def _forget_tree(self, path: str) -> None:
+        prefix = path.rstrip("/") + "/"
+        with self._lock:
+            for p in [p for p in self._nodes if p == path or p.startswith(prefix)]:
+                del self._nodes[p]
+            for p in [p for p in self._listings if p == path or p.startswith(prefix)]:
+                del self._listings[p]
+
+    def _stored(self, sf: StagedFile, info: ObjectInfo) -> None:
+        """Callback after an upload: the store now holds `info` for `sf`."""
+        self._remember_meta(info)
+        self._set_node(sf.path, dataclasses.replace(sf.node(), etag=info.etag))
+
+    # ------------------------------------------------------------------ lookup
+
+    def getattr(self, path: str, fh: int | None = None) -> Node:
+        if fh is not None:
+            handle = self._handle(fh)
+            if handle.staged is not None:
+                return handle.staged.node()
+            if handle.reader is not None:
+                # fstat works on an open file even after it was unlinked or replaced.
+                return self._file_node(handle.reader.info)
+        if path == "/":
+            return self._root()
+        key = path_to_key(path)
+        with self._lock:
+            sf = self._staged.get(path)
+            if sf is not None and not sf.unlinked:
+                return sf.node()
+            cached = self._nodes.get(path)
+            if cached is not None and self._fresh(cached[1]):
+                return self._found(cached[0])
+            listing = self._listings.get(parent_path(path))
+            if listing is not None and self._fresh(listing.expires):
+                return self._found(listing.children.get(path.rsplit("/", 1)[1]))
+        node = self._resolve(path, key)
+        with self._lock:
+            self._nodes[path] = (node, self._expiry())
+        return self._found(node)
+
+    @staticmethod
+    def _found(node: Node | None) -> Node:
+        if node is None:
+            raise PoolFSError(errno.ENOENT)
+        return node
+
+    def _root(self) -> Node:
+        with self._lock:
+            cached = self._nodes.get("/")
+            if cached is not None and cached[0] is not None and self._fresh(cached[1]):
+                return cached[0]
+        info: ObjectInfo | None = None
+        if self.store.has_root_marker:
+            try:
+                info = self.store.head("")
+            except NotFound:
+                info = None
+            except StoreError as exc:
+                raise from_store(exc, "getattr", "/") from exc
+        node = self._dir_node(info, "")
+        with self._lock:
+            self._nodes["/"] = (node, self._expiry())
+        return node
+
+    def _resolve(self, path: str, key: str) -> Node | None:
+        """Ask the store what `path` is: marker, implicit directory, file or nothing.
+
+        The three requests go out in parallel; a directory wins over a same-named object.
+        """
+        marker = dir_marker(key)
+        f_marker = self._executor.submit(self.store.head, marker)
+        f_list = self._executor.submit(lambda: next(iter(self.store.list_pages(marker, "/"))))
+        try:
+            try:
+                file_info: ObjectInfo | None = self.store.head(key)
+            except NotFound:
+                file_info = None
+            try:
+                return self._dir_node(f_marker.result(), marker)
+            except NotFound:
+                pass
+            page = f_list.result()
+            if page.objects or page.prefixes:
+                if file_info is not None:
+                    self._log_once(
+                        "shadow:" + key, "object %r is shadowed by directory %r", key, marker
+                    )
+                return self._dir_node(None, marker)
+            return self._file_node(file_info) if file_info is not None else None
+        except StoreError as exc:
+            raise from_store(exc, "lookup", path) from exc
+        finally:
+            f_marker.cancel()
+            f_list.cancel()
+
+    # ------------------------------------------------------------------ directories
+
+    def readdir(self, path: str) -> list[tuple[str, Node]]:
+        node = self.getattr(path)
+        if not node.is_dir:
+            raise PoolFSError(errno.ENOTDIR)
+        with self._lock:
+            listing = self._listings.get(path)
+            if listing is None or not self._fresh(listing.expires):
+                listing = None
+        if listing is None:
+            listing = self._list(path)
+        entries = dict(listing.children)
+        prefix = path.rstrip("/") + "/"
+        with self._lock:
+            for sf in self._staged.values():
+                if sf.unlinked or not sf.path.startswith(prefix):
+                    continue
+                rest = sf.path[len(prefix) :]
+                if "/" not in rest:
+                    entries[rest] = sf.node()
+        return sorted(entries.items())
+
+    def _list(self, path: str) -> _Listing:
+        key = path_to_key(path)
+        prefix = dir_marker(key)
+        files: dict[str, ObjectInfo] = {}
+        dirs: set[str] = set()
+        has_marker = False
+        try:
+            for page in self.store.list_pages(prefix, "/"):
+                for info in page.objects:
+                    name = info.key[len(prefix) :]
+                    if name == "":
+                        has_marker = True
+                    elif self._usable(name, info.key):
+                        files[name] = info
+                for sub in page.prefixes:
+                    name = sub[len(prefix) : -1]
+                    if self._usable(name, sub):
+                        dirs.add(name)
+        except StoreError as exc:
+            raise from_store(exc, "readdir", path) from exc
+        if path != "/" and not (has_marker or files or dirs):
+            with self._lock:
+                known = self._nodes.get(path)
+            if known is None or known[0] is None or not known[0].marker:
+                self._set_node(path, None)
+                raise PoolFSError(errno.ENOENT)
+        children: dict[str, Node] = {}
+        for name, info in files.items():
+            if name in dirs:
+                self._log_once(
+                    "shadow:" + info.key,
+                    "object %r is shadowed by directory %r/",
+                    info.key,
+                    info.key,
+                )
+                continue
+            children[name] = self._file_node(info)
+        with self._lock:
+            old = self._listings.get(path)
+        for name in dirs:
+            previous = old.children.get(name) if old is not None else None
+            cached = self._nodes.get(join(path, name))
+            if cached is not None and cached[0] is not None and cached[0].is_dir:
+                children[name] = cached[0]
+            elif previous is not None and previous.is_dir:
+                children[name] = previous
+            else:
+                children[name] = self._dir_node(None, prefix + name + "/")
+        listing = _Listing(children, self._expiry())
+        with self._lock:
+            self._listings[path] = listing
+        return listing
+
+    def _usable(self, name: str, key: str) -> bool:
+        if "/" in name or not valid_name(name):
+            self._log_once("bad:" + key, "skipping store key %r: not usable as a path", key)
+            return False
+        return True
+
+    def _parent_dir(self, path: str) -> Node:
+        parent = self.getattr(parent_path(path))
+        if not parent.is_dir:
+            raise PoolFSError(errno.ENOTDIR)
+        return parent
+
+    def _exists(self, path: str) -> Node | None:
+        try:
+            return self.getattr(path)
+        except PoolFSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _dir_changed(self, path: str, *, strict: bool = False) -> None:
+        """A directory's entries changed: move its mtime and persist it on the marker.
+
+        The marker also keeps the directory alive once its last entry goes, so callers that
+        remove entries pass strict=True and fail if it cannot be written.
+        """
+        try:
+            node = self.getattr(path)
+        except PoolFSError:
+            if strict:
+                raise
+            return
+        now = self._now()
+        new = dataclasses.replace(node, mtime_ns=now, ctime_ns=now, marker=True, has_meta=True)
+        self._set_node(path, new)
+        key = dir_marker(path_to_key(path))
+        if path == "/" and not self.store.has_root_marker:
+            return
+        try:
+            info = self.store.put_bytes(key, b"", encode_meta(new.mode, now, new.atime_ns))
+            self._remember_meta(info)
+        except StoreError as exc:
+            err = from_store(exc, "update directory", path)
+            if strict:
+                raise err from exc
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._check_writable()
+        key = path_to_key(path)
+        with self._ns_lock:
+            self._parent_dir(path)
+            if self._exists(path) is not None:
+                raise PoolFSError(errno.EEXIST)
+            now = self._now()
+            mode &= 0o7777
+            try:
+                info = self.store.put_bytes(dir_marker(key), b"", encode_meta(mode, now, now))
+            except StoreError as exc:
+                raise from_store(exc, "mkdir", path) from exc
+            self._remember_meta(info)
+            self._set_node(path, Node(True, 0, mode, now, now, now, None, True, True))
+            with self._lock:
+                self._listings[path] = _Listing({}, self._expiry())
+            self._dir_changed(parent_path(path))
+
+    def rmdir(self, path: str) -> None:
+        self._check_writable()
+        if path == "/":
+            raise PoolFSError(errno.EBUSY)
+        key = path_to_key(path)
+        with self._ns_lock:
+            node = self.getattr(path)
+            if not node.is_dir:
+                raise PoolFSError(errno.ENOTDIR)
+            if not self._is_empty(path, key):
+                raise PoolFSError(errno.ENOTEMPTY)
+            self._dir_changed(parent_path(path), strict=True)
+            try:
+                self.store.delete(dir_marker(key))
+            except StoreError as exc:
+                raise from_store(exc, "rmdir", path) from exc
+            self._forget_tree(path)
+            self._set_node(path, None)
+
+    def _is_empty(self, path: str, key: str) -> bool:
+        prefix = path.rstrip("/") + "/"
+        with self._lock:
+            if any(p.startswith(prefix) and not sf.unlinked for p, sf in self._staged.items()):
+                return False
+        marker = dir_marker(key)
+        try:
+            for page in self.store.list_pages(marker, "/"):
+                if page.prefixes or any(o.key != marker for o in page.objects):
+                    return False
+        except StoreError as exc:
+            raise from_store(exc, "rmdir", path) from exc
+        return True
+
+    # ------------------------------------------------------------------ files: open/close
+
+    def _new_fh(self, handle: _Handle) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+            return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        with self._lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise PoolFSError(errno.EBADF)
+        return handle
+
+    def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+        self._check_writable()
+        key = path_to_key(path)
+        with self._ns_lock:
+            self._parent_dir(path)
+            existing = self._exists(path)
+            if existing is not None:
+                if existing.is_dir:
+                    raise PoolFSError(errno.EISDIR)
+                if flags & os.O_EXCL:
+                    raise PoolFSError(errno.EEXIST)
+                return self.open(path, flags)
+            now = self._now()
+            sf = StagedFile(self._ctx, path, key, None, mode & 0o7777, now, now, new=True)
+            with self._lock:
+                self._staged[path] = sf
+                sf.refs += 1
+            parent = self.getattr(parent_path(path))
+            self._set_node(
+                parent_path(path), dataclasses.replace(parent, mtime_ns=now, ctime_ns=now)
+            )
+        return self._new_fh(_Handle(path, sf, None, True, bool(flags & os.O_APPEND)))
+
+    def open(self, path: str, flags: int) -> int:
+        access = flags & os.O_ACCMODE
+        writable = access in (os.O_WRONLY, os.O_RDWR)
+        if writable or flags & os.O_TRUNC:
+            self._check_writable()
+        key = path_to_key(path)
+        with self._lock:
+            sf = self._staged.get(path)
+            if sf is not None and not sf.unlinked:
+                sf.refs += 1
+            else:
+                sf = None
+        if sf is None:
+            info, first = self._open_fetch(path, key)
+            node = self._file_node(info)
+            self._set_node(path, node)
+            if not writable and not flags & os.O_TRUNC:
+                reader = PinnedReader(self._ctx, path, key, info, first)
+                with self._lock:
+                    self._readers.setdefault(path, set()).add(reader)
+                return self._new_fh(_Handle(path, None, reader, False, False))
+            with self._lock:
+                sf = self._staged.get(path)
+                if sf is None or sf.unlinked:
+                    sf = StagedFile(
+                        self._ctx,
+                        path,
+                        key,
+                        info,
+                        node.mode,
+                        node.mtime_ns,
+                        node.atime_ns,
+                        new=False,
+                    )
+                    self._staged[path] = sf
+                sf.refs += 1
+        handle = _Handle(path, sf, None, writable, bool(flags & os.O_APPEND))
+        fh = self._new_fh(handle)
+        if flags & os.O_TRUNC:
+            try:
+                sf.truncate(0, by_open=True)
+            except PoolFSError:
+                self.release(fh)
+                raise
+        return fh
+
+    def _open_fetch(self, path: str, key: str) -> tuple[ObjectInfo, bytes]:
+        """One GET that revalidates the object and returns its first block."""
+        try:
+            data, info = self.store.get_range(key, 0, self.config.first_block)
+        except NotFound:
+            # A directory (implicit or marker) has no object of its own.
+            if self.getattr(path).is_dir:
+                raise PoolFSError(errno.EISDIR) from None
+            self._set_node(path, None)
+            raise PoolFSError(errno.ENOENT) from None
+        except StoreError as exc:
+            raise from_store(exc, "open", path) from exc
+        return info, data
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        try:
+            if handle.staged is not None:
+                return handle.staged.read(offset, size)
+            assert handle.reader is not None
+            return handle.reader.read(offset, size)
+        except PoolFSError:
+            raise
+        except OSError as exc:
+            raise unexpected(exc, "read", handle.path, None) from exc
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if not handle.writable or handle.staged is None:
+            raise PoolFSError(errno.EBADF)
+        return handle.staged.write(offset, data, handle.append)
+
+    def flush(self, fh: int) -> None:
+        """close(2) of a writer: returns once the object is durable, or raises."""
+        handle = self._handle(fh)
+        sf = handle.staged
+        if sf is None or not handle.writable:
+            return
+        if sf.poisoned or sf.written or (sf.meta_dirty and not sf.dirty):
+            self._upload(sf)
+
+    def _upload(self, sf: StagedFile) -> None:
+        was_new = sf.new
+        sf.upload(self._stored)
+        if was_new and not sf.new:
+            self._dir_changed(parent_path(sf.path))
+
+    def fsync(self, fh: int) -> None:
+        handle = self._handle(fh)
+        if handle.staged is not None and handle.writable:
+            self._upload(handle.staged)
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            raise PoolFSError(errno.EBADF)
+        if handle.reader is not None:
+            reader = handle.reader
+            with self._lock:
+                readers = self._readers.get(reader.path)
+                if readers is not None:
+                    readers.discard(reader)
+                    if not readers:
+                        del self._readers[reader.path]
+            reader.close()
+            return
+        sf = handle.staged
+        assert sf is not None
+        with self._lock:
+            sf.refs -= 1
+            last = sf.refs == 0
+        if not last:
+            return
+        try:
+            pending = (sf.dirty or sf.meta_dirty) and not (sf.poisoned or sf.unlinked or sf.failed)
+            if pending:
+                try:
+                    self._upload(sf)
+                except PoolFSError as exc:
+                    log.error("write to %r not stored at release: %s", sf.path, exc)
+        finally:
+            with self._lock:
+                if self._staged.get(sf.path) is sf:
+                    del self._staged[sf.path]
+                if sf.new:
+                    # Never stored: the file goes away with its last handle.
+                    self._set_node(sf.path, None)
+            sf.close()
+
+    # ------------------------------------------------------------------ namespace changes
+
+    def unlink(self, path: str) -> None:
+        self._check_writable()
+        key = path_to_key(path)
+        with self._ns_lock:
+            node = self.getattr(path)
+            if node.is_dir:
+                raise PoolFSError(errno.EISDIR)
+            self._keep_open_copies(path)
+            with self._lock:
+                sf = self._staged.get(path)
+                if sf is not None:
+                    sf.unlinked = True
+                    del self._staged[path]
+            stored = sf is None or not sf.new
+            if stored:
+                self._dir_changed(parent_path(path), strict=True)
+                try:
+                    self.store.delete(key)
+                except StoreError as exc:
+                    raise from_store(exc, "unlink", path) from exc
+            self._set_node(path, None)
+
+    def _keep_open_copies(self, path: str) -> None:
+        """Open handles of `path` keep their bytes locally before the object goes away."""
+        with self._lock:
+            readers = list(self._readers.get(path, ()))
+            sf = self._staged.get(path)
+        for reader in readers:
+            reader.materialize()
+        if sf is not None and not sf.new:
+            sf.materialize()
+
+    def rename(self, old: str, new: str) -> None:
+        self._check_writable()
+        if old == new:
+            return
+        old_key, new_key = path_to_key(old), path_to_key(new)
+        if new.startswith(old.rstrip("/") + "/"):
+            raise PoolFSError(errno.EINVAL)
+        with self._ns_lock:
+            src = self.getattr(old)
+            self._parent_dir(new)
+            dst = self._exists(new)
+            if dst is not None:
+                if src.is_dir and not dst.is_dir:
+                    raise PoolFSError(errno.ENOTDIR)
+                if not src.is_dir and dst.is_dir:
+                    raise PoolFSError(errno.EISDIR)
+                if dst.is_dir and not self._is_empty(new, new_key):
+                    raise PoolFSError(errno.ENOTEMPTY)
+            if src.is_dir:
+                self._rename_dir(old, new, old_key, new_key, dst is not None)
+            else:
+                self._rename_file(old, new, old_key, new_key, src)
+            self._dir_changed(parent_path(old), strict=True)
+            if parent_path(new) != parent_path(old):
+                self._dir_changed(parent_path(new))
+
+    def _rename_file(self, old: str, new: str, old_key: str, new_key: str, src: Node) -> None:
+        with self._lock:
+            sf = self._staged.get(old)
+        if sf is not None:
+            # Store what is staged first: the copy must carry the current bytes.
+            self._upload(sf)
+        self._keep_open_copies(old)
+        self._keep_open_copies(new)
+        with self._lock:
+            replaced = self._staged.pop(new, None)
+        if replaced is not None:
+            replaced.unlinked = True
+        try:
+            info = self.store.copy(old_key, new_key)
+            self.store.delete(old_key)
+        except StoreError as exc:
+            raise from_store(exc, "rename", old) from exc
+        self._remember_meta(info)
+        with self._lock:
+            if sf is not None:
+                del self._staged[old]
+                # A pending write to the old name would resurrect it: retarget the handle.
+                sf.path, sf.key = new, new_key
+                self._staged[new] = sf
+        node = dataclasses.replace(src, etag=info.etag, ctime_ns=self._now())
+        if info.metadata is None:
+            seen_meta = encode_meta(src.mode, src.mtime_ns, src.atime_ns)
+            with self._lock:
+                self._meta_seen[new_key] = (info.etag, info.last_modified_ns // 10**9, seen_meta)
+        self._set_node(old, None)
+        self._set_node(new, node)
+
+    def _rename_dir(self, old: str, new: str, old_key: str, new_key: str, replace: bool) -> None:
+        old_prefix, new_prefix = dir_marker(old_key), dir_marker(new_key)
+        try:
+            keys = [o.key for o in self.store.list_all(old_prefix, None).objects]
+        except StoreError as exc:
+            raise from_store(exc, "rename", old) from exc
+        if len(keys) > self.config.dir_rename_limit:
+            raise PoolFSError(
+                errno.EXDEV,
+                f"{old}: more than {self.config.dir_rename_limit} entries; copy instead",
+            )
+        prefix = old.rstrip("/") + "/"
+        with self._lock:
+            pending = [sf for p, sf in self._staged.items() if p.startswith(prefix)]
+            readers = [r for p, rs in self._readers.items() if p.startswith(prefix) for r in rs]
+        for sf in pending:
+            self._upload(sf)
+        for reader in readers:
+            reader.materialize()
+        keys = sorted(set(keys) | {old_prefix})
+        try:
+            if replace:
+                self.store.delete(new_prefix)
+            copies = [
+                self._executor.submit(self._copy_key, k, new_prefix + k[len(old_prefix) :])
+                for k in keys
+            ]
+            for fut in copies:
+                fut.result()
+            for fut in [self._executor.submit(self.store.delete, k) for k in keys]:
+                fut.result()
+        except StoreError as exc:
+            raise from_store(exc, "rename", old) from exc
+        with self._lock:
+            for p, sf in list(self._staged.items()):
+                if p.startswith(prefix):
+                    del self._staged[p]
+                    sf.path = new.rstrip("/") + "/" + p[len(prefix) :]
+                    sf.key = path_to_key(sf.path)
+                    self._staged[sf.path] = sf
+        self._forget_tree(old)
+        self._forget_tree(new)
+        with self._lock:
+            for p in (parent_path(old), parent_path(new)):
+                self._listings.pop(p, None)
+                self._nodes.pop(p, None)
+
+    def _copy_key(self, src: str, dst: str) -> None:
+        try:
+            self.store.copy(src, dst)
+        except NotFound:
+            if src.endswith("/") or src == "":
+                # An implicit directory has no marker: create one so metadata has a home.
+                now = self._now()
+                self.store.put_bytes(dst, b"", encode_meta(DEFAULT_DIR_MODE, now, now))
+            else:
+                raise
+
+    # ------------------------------------------------------------------ attributes
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self._check_writable()
+        if length < 0:
+            raise PoolFSError(errno.EINVAL)
+        if length > self.config.max_file_size:
+            raise PoolFSError(errno.EFBIG)
+        if fh is not None:
+            handle = self._handle(fh)
+            if handle.staged is None:
+                raise PoolFSError(errno.EBADF)
+            handle.staged.truncate(length)
+            return
+        with self._lock:
+            sf = self._staged.get(path)
+        if sf is not None:
+            sf.truncate(length)
+            return
+        # A closed file: stage, truncate, store, as one open/close would.
+        if self.getattr(path).is_dir:
+            raise PoolFSError(errno.EISDIR)
+        tmp = self.open(path, os.O_RDWR)
+        try:
+            self.truncate(path, length, tmp)
+            self.flush(tmp)
+        finally:
+            self.release(tmp)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._check_writable()
+        self._set_attrs(path, mode=mode & 0o7777)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._check_writable()
+        self.getattr(path)
+        if uid not in (-1, 0xFFFFFFFF, self.config.uid) or gid not in (
+            -1,
+            0xFFFFFFFF,
+            self.config.gid,
+        ):
+            raise PoolFSError(errno.EPERM, "ownership comes from the mount options")
+
+    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+        self._check_writable()
+        now = self._now()
+        if times is None:
+            atime, mtime = now, now
+        else:
+            atime, mtime = times
+        atime_ns = None if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime
+        mtime_ns = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime
+        self._set_attrs(path, atime_ns=atime_ns, mtime_ns=mtime_ns)
+
+    def _set_attrs(
+        self,
+        path: str,
+        mode: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        with self._lock:
+            sf = self._staged.get(path)
+        if sf is not None and not sf.unlinked:
+            sf.set_meta(mode, atime_ns, mtime_ns)
+            self._set_node(path, sf.node())
+            return
+        node = self.getattr(path)
+        new_mode = node.mode if mode is None else mode
+        new_atime = node.atime_ns if atime_ns is None else atime_ns
+        new_mtime = node.mtime_ns if mtime_ns is None else mtime_ns
+        meta = encode_meta(new_mode, new_mtime, new_atime)
+        key = path_to_key(path)
+        try:
+            if node.is_dir:
+                if path == "/" and not self.store.has_root_marker:
+                    info = None
+                else:
+                    info = self.store.put_bytes(dir_marker(key), b"", meta)
+            else:
+                info = self.store.set_metadata(key, meta)
+        except StoreError as exc:
+            raise from_store(exc, "setattr", path) from exc
+        if info is not None:
+            self._remember_meta(info)
+        new = dataclasses.replace(
+            node,
+            mode=new_mode,
+            atime_ns=new_atime,
+            mtime_ns=new_mtime,
+            ctime_ns=self._now(),
+            has_meta=True,
+            etag=info.etag if info and not node.is_dir else node.etag,
+            marker=node.marker or node.is_dir,
+        )
+        self._set_node(path, new)
+
+    def statfs(self) -> dict[str, int]:
+        blocks = 1 << 40  # 4 PiB of 4 KiB blocks: "a lot", as object stores are
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": blocks,
+            "f_bfree": blocks,
+            "f_bavail": blocks,
+            "f_files": 1 << 32,
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": NAME_MAX,
+        }
+
+    def unsupported(self, kind: Literal["link", "symlink", "mknod"]) -> None:
+        self._check_writable()
+        raise PoolFSError(errno.EPERM, f"{kind} is not supported on pools")

@@ -1,0 +1,213 @@
+"""Read-ahead for one open handle of one pinned object version.
+
+Rules (tests/test_readahead.py checks each):
+- A read at the offset where the previous read ended is sequential. Sequential reads grow a
+  window (doubling from 2 parts up to `max_window`) of parallel part fetches ahead of the reader.
+- Any other read is random: it fetches only the asked range, at least `min_block`, and resets
+  the window.
+- Prefetched parts reserve bytes from a `ByteBudget` shared by every handle of the mount; when
+  the budget is exhausted, prefetch stops (the reader still gets what it asks for). Parts behind
+  the reader are dropped at once, so memory is bounded by the budget plus in-flight demand reads.
+- The cache takes a `fetch(start, end) -> bytes` function, never a store, so it is testable with
+  a lambda and knows nothing about versions: pinning is the fetch function's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+
+Fetch = Callable[[int, int], bytes]
+
+
+class ByteBudget:
+    """A counter of bytes that read-ahead may hold at once, shared by all handles."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self, n: int) -> bool:
+        with self._lock:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+
+@dataclasses.dataclass(slots=True)
+class _Extent:
+    start: int
+    end: int
+    future: Future[bytes]
+    reserved: int  # bytes taken from the budget (0 for demand reads)
+
+
+def _done(data: bytes) -> Future[bytes]:
+    fut: Future[bytes] = Future()
+    fut.set_result(data)
+    return fut
+
+
+class ReadAhead:
+    """Byte cache + prefetcher for one object of known `size`."""
+
+    # Random extents kept around for re-reads (the kernel often reads the same area twice).
+    _KEEP_RANDOM = 8
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        size: int,
+        *,
+        executor: Executor,
+        budget: ByteBudget,
+        part_size: int,
+        max_window: int,
+        min_block: int,
+    ) -> None:
+        self._fetch = fetch
+        self._size = size
+        self._executor = executor
+        self._budget = budget
+        self._part = part_size
+        self._max_window = max(max_window, part_size)
+        self._min_block = min_block
+        self._extents: list[_Extent] = []
+        self._next = 0  # where a sequential read would start
+        self._window = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def seed(self, start: int, data: bytes) -> None:
+        """Offer bytes already fetched (the GET made at open)."""
+        if data:
+            with self._lock:
+                self._extents.append(_Extent(start, start + len(data), _done(data), 0))
+
+    def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self._size)
+        if offset >= end:
+            return b""
+        with self._lock:
+            sequential = offset == self._next
+            if sequential:
+                self._window = min(max(self._window * 2, 2 * self._part), self._max_window)
+            else:
+                self._window = 0
+            self._next = end
+            needed = self._cover(offset, end, sequential)
+            if sequential:
+                self._prefetch(end)
+            self._trim(offset, sequential)
+        chunks: list[bytes] = []
+        for ext in needed:
+            data = ext.future.result()
+            lo = max(offset, ext.start) - ext.start
+            hi = min(end, ext.end) - ext.start
+            chunks.append(data[lo:hi])
+        out = b"".join(chunks)
+        if len(out) != end - offset:
+            # The object is shorter than pinned: a store fault, not a short read to hide.
+            raise OSError(5, "short read from store")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for ext in self._extents:
+                ext.future.cancel()
+                self._release(ext)
+            self._extents.clear()
+
+    # --- internals (lock held) ---------------------------------------------------------
+
+    def _find(self, pos: int) -> _Extent | None:
+        for ext in self._extents:
+            if ext.start <= pos < ext.end and not ext.future.cancelled():
+                return ext
+        return None
+
+    def _cover(self, start: int, end: int, sequential: bool) -> list[_Extent]:
+        needed: list[_Extent] = []
+        pos = start
+        while pos < end:
+            ext = self._find(pos)
+            if ext is None:
+                if sequential:
+                    # Up to the part boundary, so later prefetches line up with it.
+                    ext_end = min(max(pos - pos % self._part + self._part, end), self._size)
+                else:
+                    ext_end = min(max(end, pos + self._min_block), self._size)
+                nxt = self._next_start(pos)
+                if nxt is not None and nxt < ext_end:
+                    ext_end = nxt
+                ext_start = pos
+                ext = self._submit(ext_start, ext_end, reserved=0)
+            needed.append(ext)
+            pos = ext.end
+        return needed
+
+    def _next_start(self, pos: int) -> int | None:
+        starts = [e.start for e in self._extents if e.start > pos]
+        return min(starts) if starts else None
+
+    def _submit(self, start: int, end: int, reserved: int) -> _Extent:
+        if start == end:
+            ext = _Extent(start, end, _done(b""), reserved)
+        else:
+            ext = _Extent(start, end, self._executor.submit(self._fetch, start, end), reserved)
+        self._extents.append(ext)
+        return ext
+
+    def _prefetch(self, pos: int) -> None:
+        limit = min(pos + self._window, self._size)
+        while pos < limit:
+            ext = self._find(pos)
+            if ext is not None:
+                pos = ext.end
+                continue
+            part_end = min(pos - pos % self._part + self._part, self._size)
+            nxt = self._next_start(pos)
+            if nxt is not None and nxt < part_end:
+                part_end = nxt
+            if not self._budget.try_acquire(part_end - pos):
+                return
+            self._submit(pos, part_end, reserved=part_end - pos)
+            pos = part_end
+
+    def _trim(self, offset: int, sequential: bool) -> None:
+        keep: list[_Extent] = []
+        behind: list[_Extent] = []
+        for ext in self._extents:
+            if sequential and ext.end <= offset:
+                self._release(ext)
+                ext.future.cancel()
+            elif ext.end <= offset or ext.start >= offset + self._max_window:
+                behind.append(ext)
+            else:
+                keep.append(ext)
+        # Random extents: keep the few most recent.
+        for ext in behind[: -self._KEEP_RANDOM] if len(behind) > self._KEEP_RANDOM else []:
+            self._release(ext)
+            ext.future.cancel()
+        keep.extend(behind[-self._KEEP_RANDOM :])
+        keep.sort(key=lambda e: e.start)
+        self._extents = keep
+
+    def _release(self, ext: _Extent) -> None:
+        if ext.reserved:
+            self._budget.release(ext.reserved)
+            ext.reserved = 0

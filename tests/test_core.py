@@ -1,0 +1,333 @@
+"""Filesystem core without a kernel: PoolFS driven directly against mem and file stores."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poolfs.fs.config import FSConfig
+from poolfs.fs.core import UTIME_NOW, UTIME_OMIT, PoolFS
+from poolfs.fs.errors import ERRNO_FOR, PoolFSError
+from poolfs.fs.meta import MODE_KEY, MTIME_KEY
+from poolfs.stores import (
+    Changed,
+    Denied,
+    NotFound,
+    Store,
+    StoreError,
+    Throttled,
+    TooLarge,
+    Transient,
+    open_store,
+)
+from poolfs.stores.mem import MemStore
+
+pytestmark = pytest.mark.core
+
+
+@pytest.fixture(params=["mem", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "mem":
+        return MemStore("core")
+    root = tmp_path / "store"
+    root.mkdir()
+    return open_store(f"file://{root}")
+
+
+def make_fs(store: Store, tmp_path: Path, **cfg: object) -> PoolFS:
+    return PoolFS(store, FSConfig(spill_dir=str(tmp_path / "spill"), **cfg))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fs(store: Store, tmp_path: Path) -> Iterator[PoolFS]:
+    pfs = make_fs(store, tmp_path)
+    yield pfs
+    assert pfs.shutdown() == []
+
+
+def write_file(fs: PoolFS, path: str, data: bytes, mode: int = 0o644) -> None:
+    fh = fs.create(path, mode, os.O_WRONLY)
+    fs.write(fh, 0, data)
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def read_file(fs: PoolFS, path: str) -> bytes:
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        out = b""
+        while chunk := fs.read(fh, len(out), 1 << 20):
+            out += chunk
+        return out
+    finally:
+        fs.release(fh)
+
+
+def raises(err: int) -> pytest.RaisesExc[PoolFSError]:
+    return pytest.raises(PoolFSError, match=os.strerror(err).split()[0])
+
+
+def errno_of(fn: object, *args: object) -> int:
+    with pytest.raises(PoolFSError) as info:
+        fn(*args)  # type: ignore[operator]
+    assert info.value.errno is not None
+    return info.value.errno
+
+
+# --- the error table: one test per row --------------------------------------------------
+
+
+class FailingStore(MemStore):
+    def __init__(self, exc: StoreError) -> None:
+        super().__init__("failing")
+        self.exc = exc
+        self.armed = False
+
+    def get_range(
+        self, key: str, start: int, end: int | None, if_match: str | None = None
+    ) -> tuple[bytes, object]:  # type: ignore[override]
+        if self.armed:
+            raise self.exc
+        return super().get_range(key, start, end, if_match)
+
+
+@pytest.mark.expect_log
+@pytest.mark.parametrize(("kind", "expected"), ERRNO_FOR)
+def test_error_table_row(kind: type[StoreError], expected: int, tmp_path: Path) -> None:
+    store = FailingStore(kind("injected", "f"))
+    pfs = make_fs(store, tmp_path)
+    write_file(pfs, "/f", b"data")
+    store.armed = True
+    assert errno_of(pfs.open, "/f", os.O_RDONLY) == expected
+    pfs.shutdown()
+
+
+def test_error_table_covers_every_store_error_kind() -> None:
+    kinds = {k for k, _ in ERRNO_FOR}
+    assert {NotFound, Denied, Throttled, Transient, Changed, TooLarge, StoreError} <= kinds
+    assert dict(ERRNO_FOR)[Throttled] == errno.EAGAIN
+
+
+# --- writes ---------------------------------------------------------------------------------
+
+
+def test_write_read_roundtrip_and_metadata_in_store(fs: PoolFS, store: Store) -> None:
+    write_file(fs, "/a.txt", b"hello", 0o640)
+    assert read_file(fs, "/a.txt") == b"hello"
+    info = store.head("a.txt")
+    assert info.size == 5
+    assert info.metadata is not None and info.metadata[MODE_KEY] == "640"
+    node = fs.getattr("/a.txt")
+    assert node.mode == 0o640 and node.size == 5
+
+
+def test_offset_write_append_and_truncate(fs: PoolFS, store: Store) -> None:
+    write_file(fs, "/f", b"0123456789")
+    fh = fs.open("/f", os.O_WRONLY)
+    fs.write(fh, 3, b"XY")
+    fs.flush(fh)
+    fs.release(fh)
+    assert store.get_range("f", 0, None)[0] == b"012XY56789"
+    fh = fs.open("/f", os.O_WRONLY | os.O_APPEND)
+    fs.write(fh, 0, b"!")
+    fs.release(fh)
+    assert read_file(fs, "/f") == b"012XY56789!"
+    fs.truncate("/f", 4)
+    assert store.get_range("f", 0, None)[0] == b"012X"
+    fs.truncate("/f", 6)
+    assert read_file(fs, "/f") == b"012X\0\0"
+    fh = fs.open("/f", os.O_RDWR)
+    fs.truncate("/f", 2, fh)
+    assert fs.getattr("/f", fh).size == 2
+    fs.release(fh)
+    assert store.get_range("f", 0, None)[0] == b"01"
+
+
+def test_o_trunc_does_not_fetch_old_content(fs: PoolFS, store: Store) -> None:
+    write_file(fs, "/f", b"x" * 100_000)
+    fh = fs.open("/f", os.O_WRONLY | os.O_TRUNC)
+    fs.write(fh, 0, b"new")
+    fs.release(fh)
+    assert store.get_range("f", 0, None)[0] == b"new"
+
+
+def test_size_limit(store: Store, tmp_path: Path) -> None:
+    pfs = make_fs(store, tmp_path, max_file_size=1000)
+    write_file(pfs, "/exact", b"a" * 1000)
+    assert store.head("exact").size == 1000
+    fh = pfs.open("/exact", os.O_WRONLY | os.O_TRUNC)
+    assert errno_of(pfs.write, fh, 0, b"b" * 1001) == errno.EFBIG
+    assert errno_of(pfs.flush, fh) == errno.EFBIG
+    pfs.release(fh)
+    assert store.get_range("exact", 0, None)[0] == b"a" * 1000
+    assert errno_of(pfs.truncate, "/exact", 1001) == errno.EFBIG
+    assert store.head("exact").size == 1000
+    pfs.shutdown()
+
+
+@pytest.mark.expect_log
+def test_failed_upload_keeps_bytes_and_old_object(tmp_path: Path) -> None:
+    store = MemStore("fail")
+    pfs = make_fs(store, tmp_path)
+    write_file(pfs, "/f", b"old")
+    fh = pfs.open("/f", os.O_WRONLY | os.O_TRUNC)
+    pfs.write(fh, 0, b"new bytes")
+    store.offline = True
+    assert errno_of(pfs.flush, fh) == errno.EIO
+    store.offline = False
+    assert store.raw_get("f") == b"old"
+    kept = list((tmp_path / "spill" / "lost+found").iterdir())
+    assert [p.read_bytes() for p in kept] == [b"new bytes"]
+    pfs.release(fh)
+    pfs.shutdown()
+
+
+def test_unlinked_open_file_stays_readable(fs: PoolFS) -> None:
+    write_file(fs, "/f", b"still here")
+    fh = fs.open("/f", os.O_RDONLY)
+    fs.unlink("/f")
+    assert errno_of(fs.getattr, "/f") == errno.ENOENT
+    assert fs.read(fh, 0, 100) == b"still here"
+    assert fs.getattr("/f", fh).size == 10
+    fs.release(fh)
+
+
+@pytest.mark.expect_log
+def test_reader_of_changed_object_gets_eio_not_mixed_bytes(tmp_path: Path) -> None:
+    store = MemStore("pin")
+    pfs = make_fs(store, tmp_path, first_block=4096, min_block=4096)
+    write_file(pfs, "/f", b"a" * 20000)
+    fh = pfs.open("/f", os.O_RDONLY)
+    assert pfs.read(fh, 0, 10) == b"a" * 10
+    store.put_bytes("f", b"b" * 20000, {})
+    assert errno_of(pfs.read, fh, 10000, 100) == errno.EIO
+    pfs.release(fh)
+    pfs.shutdown()
+
+
+# --- read-only ------------------------------------------------------------------------------
+
+
+def test_read_only_refuses_every_mutation(store: Store, tmp_path: Path) -> None:
+    rw = make_fs(store, tmp_path)
+    write_file(rw, "/f", b"x")
+    rw.mkdir("/d", 0o755)
+    rw.shutdown()
+    ro = make_fs(store, tmp_path, read_only=True)
+    calls = [
+        (ro.create, "/new", 0o644),
+        (ro.open, "/f", os.O_WRONLY),
+        (ro.open, "/f", os.O_RDONLY | os.O_TRUNC),
+        (ro.unlink, "/f"),
+        (ro.mkdir, "/e", 0o755),
+        (ro.rmdir, "/d"),
+        (ro.rename, "/f", "/g"),
+        (ro.truncate, "/f", 0),
+        (ro.chmod, "/f", 0o600),
+        (ro.utimens, "/f", None),
+    ]
+    for fn, *args in calls:
+        assert errno_of(fn, *args) == errno.EROFS, fn
+    assert read_file(ro, "/f") == b"x"
+    assert ro.getattr("/f").mode == 0o444
+    ro.shutdown()
+
+
+# --- directories and names --------------------------------------------------------------
+
+
+def test_directories(fs: PoolFS) -> None:
+    fs.mkdir("/d", 0o750)
+    write_file(fs, "/d/f", b"1")
+    assert errno_of(fs.rmdir, "/d") == errno.ENOTEMPTY
+    fs.unlink("/d/f")
+    assert fs.getattr("/d").is_dir
+    assert [n for n, _ in fs.readdir("/d")] == []
+    fs.rmdir("/d")
+    assert errno_of(fs.getattr, "/d") == errno.ENOENT
+
+
+def test_directory_survives_last_file_removal_when_implicit(tmp_path: Path) -> None:
+    store = MemStore("implicit")
+    store.put_bytes("d/f", b"1", {})
+    pfs = make_fs(store, tmp_path)
+    pfs.unlink("/d/f")
+    assert pfs.getattr("/d").is_dir
+    pfs.shutdown()
+
+
+def test_rename_dir_above_limit_is_exdev(store: Store, tmp_path: Path) -> None:
+    pfs = make_fs(store, tmp_path, dir_rename_limit=3)
+    pfs.mkdir("/small", 0o755)
+    write_file(pfs, "/small/a", b"a")
+    pfs.rename("/small", "/moved")
+    assert read_file(pfs, "/moved/a") == b"a"
+    pfs.mkdir("/big", 0o755)
+    for i in range(4):
+        write_file(pfs, f"/big/{i}", b"x")
+    assert errno_of(pfs.rename, "/big", "/big2") == errno.EXDEV
+    pfs.shutdown()
+
+
+@pytest.mark.expect_log
+def test_bad_keys_skipped_and_shadowed_object(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemStore("names")
+    for key in ("a//b", "../x", "./y", "ok", "x" * 256, "a", "a/x"):
+        store.put_bytes(key, b"1", {})
+    pfs = make_fs(store, tmp_path)
+    assert [n for n, _ in pfs.readdir("/")] == ["a", "ok"]
+    assert pfs.getattr("/a").is_dir
+    pfs.readdir("/")
+    messages = [r.getMessage() for r in caplog.records]
+    # Listed as the common prefix "../" (the store folds "../x" into it): logged once only.
+    assert sum("'../'" in m for m in messages) == 1
+    assert sum("'./'" in m for m in messages) == 1
+    assert [n for n, _ in pfs.readdir("/a")] == ["x"]
+    assert any("shadowed" in m for m in messages)
+    pfs.shutdown()
+
+
+def test_name_too_long(fs: PoolFS) -> None:
+    assert errno_of(fs.create, "/" + "n" * 256, 0o644) == errno.ENAMETOOLONG
+    write_file(fs, "/" + "n" * 255, b"ok")
+
+
+def test_listing_serves_getattr_without_per_file_requests(tmp_path: Path) -> None:
+    store = MemStore("many")
+    for i in range(10_000):
+        store.put_bytes(f"big/f{i:05d}", b"x", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=60)
+    store.calls.clear()
+    names = [n for n, _ in pfs.readdir("/big")]
+    for name in names:
+        pfs.getattr("/big/" + name)
+    assert len(names) == 10_000
+    assert set(store.calls) <= {"list", "head"}
+    # 10 pages of 1000 keys, plus one LIST and HEAD resolving the directory itself.
+    assert store.calls["list"] <= 11
+    assert store.calls.get("head", 0) <= 2
+    pfs.shutdown()
+
+
+def test_times_and_modes(fs: PoolFS, store: Store) -> None:
+    write_file(fs, "/f", b"x", 0o600)
+    fs.utimens("/f", (1_000_000_001, 2_000_000_002))
+    node = fs.getattr("/f")
+    assert (node.atime_ns, node.mtime_ns) == (1_000_000_001, 2_000_000_002)
+    fs.utimens("/f", (UTIME_OMIT, 3_000_000_003))
+    node = fs.getattr("/f")
+    assert (node.atime_ns, node.mtime_ns) == (1_000_000_001, 3_000_000_003)
+    fs.utimens("/f", (UTIME_NOW, UTIME_OMIT))
+    assert fs.getattr("/f").mtime_ns == 3_000_000_003
+    fs.chmod("/f", 0o751)
+    assert fs.getattr("/f").mode == 0o751
+    meta = store.head("f").metadata
+    assert meta is not None and meta[MODE_KEY] == "751" and meta[MTIME_KEY] == "3000000003"
+    _ = read_file(fs, "/f")
+    assert fs.getattr("/f").mtime_ns == 3_000_000_003
