@@ -331,3 +331,18 @@ def test_times_and_modes(fs: PoolFS, store: Store) -> None:
     assert meta is not None and meta[MODE_KEY] == "751" and meta[MTIME_KEY] == "3000000003"
     _ = read_file(fs, "/f")
     assert fs.getattr("/f").mtime_ns == 3_000_000_003
+
+
+def test_rename_dir_moves_files_whose_upload_is_pending(store: Store, tmp_path: Path) -> None:
+    pfs = make_fs(store, tmp_path, metadata_ttl=0)
+    pfs.mkdir("/d", 0o755)
+    handles = [pfs.create(f"/d/{i}", 0o644) for i in range(3)]  # empty: stored at release
+    pfs.rename("/d", "/e")
+    for fh in handles:
+        pfs.release(fh)
+    assert [n for n, _ in pfs.readdir("/e")] == ["0", "1", "2"]
+    assert errno_of(pfs.getattr, "/d") == errno.ENOENT
+    keys = [o.key for o in store.list_all("", None).objects]
+    assert not [k for k in keys if k.startswith("d/")]
+    assert {"e/0", "e/1", "e/2"} <= set(keys)
+    pfs.shutdown()

@@ -7,7 +7,6 @@ import errno
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from poolfs.mounts import find_mount
 from tests.conftest import Backend, MountFactory
 from tests.mountrig import POOLFS, Mount, run
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.fuse
 
@@ -239,21 +239,17 @@ def test_unusable_keys_skipped(s3_backend: Backend, mounter: MountFactory) -> No
 
 
 def test_ls_l_of_10000_objects_is_list_only(
-    s3_backend: Backend, mounter: MountFactory, moto_server: object
+    s3_backend: Backend, mounter: MountFactory, moto_server: MotoServer
 ) -> None:
-    client = s3_backend._client
-    bucket = s3_backend._bucket
-
-    def put(i: int) -> None:
-        client.put_object(Bucket=bucket, Key=f"pool/big/f{i:05d}", Body=b"x" * (i % 7))
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(put, range(10_000)))
+    # Seeded straight into moto's backend (not over HTTP, not counted): 0.3 s instead of 50.
+    for size in range(7):
+        keys = [f"pool/big/f{i:05d}" for i in range(size, 10_000, 7)]
+        moto_server.put_objects(s3_backend._bucket, keys, body=b"x" * size)
     m = mounter(s3_backend, "--metadata-ttl", "30")
-    moto_server.reset_counts()  # type: ignore[attr-defined]
+    moto_server.reset_counts()
     out = run(f"ls -l {m.path}/big", timeout=300).stdout
     assert out.count("\n") == 10_001
-    counts = moto_server.request_counts()  # type: ignore[attr-defined]
+    counts = moto_server.request_counts()
     per_file = {k: v for k, v in counts.items() if k not in ("ListObjectsV2", "ListObjects")}
     assert counts.get("ListObjectsV2", 0) + counts.get("ListObjects", 0) >= 10
     assert sum(per_file.values()) <= 3, counts  # the directory's own lookup, never per file
@@ -363,3 +359,16 @@ def test_umount_busy_then_clean(mount: Mount) -> None:
         assert busy.returncode != 0 and "busy" in busy.stderr
     mount.umount()
     assert find_mount(str(mount.path)) is None
+
+
+def test_inode_numbers_stay_put(mount: Mount) -> None:
+    (mount.path / "f").write_text("x")
+    (mount.path / "d").mkdir()
+    before = {n: os.stat(mount.path / n).st_ino for n in ("f", "d")}
+    # What memory pressure does during a long copy: the kernel drops unused dentries and
+    # inodes, and the next lookup of the same path gets a new FUSE node.
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    after = {n: os.stat(mount.path / n).st_ino for n in ("f", "d")}
+    assert before == after
+    assert os.stat(mount.path).st_ino == 1

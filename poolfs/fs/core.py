@@ -743,6 +743,16 @@ class PoolFS:
 
     def _rename_dir(self, old: str, new: str, old_key: str, new_key: str, replace: bool) -> None:
         old_prefix, new_prefix = dir_marker(old_key), dir_marker(new_key)
+        prefix = old.rstrip("/") + "/"
+        with self._lock:
+            pending = [sf for p, sf in self._staged.items() if p.startswith(prefix)]
+        if len(pending) > self.config.dir_rename_limit:
+            raise PoolFSError(errno.EXDEV)
+        # Store what is staged below the directory first (an empty new file waits for its
+        # release to be uploaded), so that the listing below sees every entry.
+        for sf in pending:
+            if not sf.unlinked:
+                self._upload(sf)
         try:
             keys = [o.key for o in self.store.list_all(old_prefix, None).objects]
         except StoreError as exc:
@@ -752,12 +762,8 @@ class PoolFS:
                 errno.EXDEV,
                 f"{old}: more than {self.config.dir_rename_limit} entries; copy instead",
             )
-        prefix = old.rstrip("/") + "/"
         with self._lock:
-            pending = [sf for p, sf in self._staged.items() if p.startswith(prefix)]
             readers = [r for p, rs in self._readers.items() if p.startswith(prefix) for r in rs]
-        for sf in pending:
-            self._upload(sf)
         for reader in readers:
             reader.materialize()
         keys = sorted(set(keys) | {old_prefix})
@@ -770,8 +776,12 @@ class PoolFS:
             ]
             for fut in copies:
                 fut.result()
-            for fut in [self._executor.submit(self.store.delete, k) for k in keys]:
+            files = [k for k in keys if not k.endswith("/")]
+            for fut in [self._executor.submit(self.store.delete, k) for k in files]:
                 fut.result()
+            # Markers last, deepest first: a local-directory store can only drop an empty one.
+            for marker in sorted((k for k in keys if k.endswith("/")), key=len, reverse=True):
+                self.store.delete(marker)
         except StoreError as exc:
             raise from_store(exc, "rename", old) from exc
         with self._lock:

@@ -10,12 +10,17 @@ Mount options and why:
 - `default_permissions`: the kernel enforces the mode bits we report.
 - `big_writes`, `max_write`/`max_read` 128 KiB: the largest requests libfuse2 allows.
 - attr/entry timeouts = metadata_ttl: the kernel caches what our own cache would answer anyway.
+- `use_ino` with inode numbers derived from the path: the kernel forgets a FUSE inode as soon
+  as its dentry is unused past entry_timeout, and libfuse2 then numbers the next lookup anew.
+  Tools that compare st_ino over time (GNU cp/mv "replaced while being copied", tar, find)
+  need the number to stay put; a rename gives a new number.
 """
 
 from __future__ import annotations
 
 import codecs
 import errno
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +50,14 @@ def _codec_search(name: str) -> codecs.CodecInfo | None:
 
 
 codecs.register(_codec_search)
+
+
+def inode_number(path: str) -> int:
+    """A stable inode number for a path: 1 for the root, else 63 bits of its hash (never 0/1)."""
+    if path == "/":
+        return 1
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 1) | 2
 
 
 def _fh(fi: Any) -> int | None:
@@ -97,8 +110,9 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 
     # --- attributes --------------------------------------------------------------------
 
-    def _stat(self, node: Node) -> dict[str, int]:
+    def _stat(self, path: str, node: Node) -> dict[str, int]:
         return {
+            "st_ino": inode_number(path),
             "st_mode": node.st_mode(),
             "st_nlink": 2 if node.is_dir else 1,
             "st_size": node.size,
@@ -112,7 +126,7 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         }
 
     def getattr(self, path: str, fi: Any = None) -> dict[str, int]:
-        return self._stat(self.fs.getattr(path, _fh(fi)))
+        return self._stat(path, self.fs.getattr(path, _fh(fi)))
 
     def readdir(self, path: str, fh: int) -> list[str]:
         return [".", "..", *(name for name, _ in self.fs.readdir(path))]
@@ -202,6 +216,7 @@ def serve(
         "debug": debug,
         "fsname": fsname.replace(",", "%2C").replace(" ", "%20"),
         "subtype": "poolfs",
+        "use_ino": True,
         "default_permissions": True,
         "atomic_o_trunc": True,
         "big_writes": True,
