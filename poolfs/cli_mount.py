@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import select
@@ -22,7 +20,13 @@ import time
 from typing import Any
 
 from poolfs.fs.config import DEFAULT_MAX_FILE_SIZE, FSConfig
-from poolfs.mounts import find_mount, mount_state_dir
+from poolfs.mounts import (
+    find_mount,
+    pid_alive,
+    read_worker_state,
+    worker_state_path,
+    write_worker_state,
+)
 from poolfs.stores import InvalidStoreURL, StoreError, StoreOptions, open_store
 
 log = logging.getLogger("poolfs.mount")
@@ -292,12 +296,11 @@ def _run_worker(args: argparse.Namespace) -> int:
         report(f"error: {exc}")
         return 1
 
-    state_file = os.path.join(mount_state_dir(), _state_name(mountpoint))
     result: dict[str, Any] = {"failed": None}
 
     def ready() -> None:
-        _write_state(
-            state_file,
+        write_worker_state(
+            mountpoint,
             {
                 "pid": os.getpid(),
                 "mountpoint": mountpoint,
@@ -334,8 +337,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     finally:
         if result["failed"] is None and ready_fd is None:
             result["failed"] = []
-        _write_state(
-            state_file,
+        write_worker_state(
+            mountpoint,
             {
                 "pid": os.getpid(),
                 "mountpoint": mountpoint,
@@ -348,38 +351,6 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _state_name(mountpoint: str) -> str:
-    return hashlib.sha1(mountpoint.encode(), usedforsecurity=False).hexdigest() + ".json"
-
-
-def _write_state(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def _read_state(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            data: dict[str, Any] = json.load(f)
-            return data
-    except (OSError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------- umount
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     entry = find_mount(mountpoint)
@@ -387,8 +358,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return _fail(f"{mountpoint} is not mounted")
     if not entry.fstype.startswith("fuse"):
         return _fail(f"{mountpoint} is not a poolfs mount ({entry.fstype})")
-    state_file = os.path.join(mount_state_dir(), _state_name(mountpoint))
-    state = _read_state(state_file) or {}
+    state = read_worker_state(mountpoint) or {}
     pid = state.get("pid") if not state.get("exited") else None
     cmd = ["fusermount", "-u", "-z", mountpoint] if args.lazy else ["fusermount", "-u", mountpoint]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -399,13 +369,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return _fail(f"unmount of {mountpoint} failed: {detail}")
     if isinstance(pid, int):
         deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 return _fail(f"worker {pid} still flushing after {args.timeout:.0f}s")
             time.sleep(0.05)
-        state = _read_state(state_file) or {}
+        state = read_worker_state(mountpoint) or {}
         with contextlib.suppress(OSError):
-            os.unlink(state_file)
+            os.unlink(worker_state_path(mountpoint))
         failed = state.get("failed") or []
         if failed:
             spill = "lost+found in the spill dir"

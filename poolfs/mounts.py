@@ -4,8 +4,11 @@ test rig to find poolfs mounts (fstype `fuse.poolfs`) and stale ones."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
+from typing import Any
 
 POOLFS_FSTYPE = "fuse.poolfs"
 
@@ -74,3 +77,36 @@ def mount_state_dir() -> str:
         path = os.path.join(base, "poolfs")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+def worker_state_path(mountpoint: str) -> str:
+    """The state file a mount worker writes for `mountpoint` (its PID, and how it exited)."""
+    name = hashlib.sha1(os.path.abspath(mountpoint).encode(), usedforsecurity=False).hexdigest()
+    return os.path.join(mount_state_dir(), name + ".json")
+
+
+def read_worker_state(mountpoint: str) -> dict[str, Any] | None:
+    try:
+        with open(worker_state_path(mountpoint)) as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return None
+
+
+def write_worker_state(mountpoint: str, data: dict[str, Any]) -> None:
+    path = worker_state_path(mountpoint)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

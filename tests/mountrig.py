@@ -9,7 +9,6 @@ unless the test said it expects them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from poolfs.mounts import find_mount, mount_state_dir
+from poolfs.mounts import find_mount, pid_alive, read_worker_state
 
 POOLFS = [sys.executable, "-m", "poolfs"]
 
@@ -47,13 +46,6 @@ def run(
             f"stderr: {proc.stderr}"
         )
     return proc
-
-
-def _state_file(mountpoint: str) -> str:
-    import hashlib
-
-    name = hashlib.sha1(mountpoint.encode(), usedforsecurity=False).hexdigest() + ".json"
-    return os.path.join(mount_state_dir(), name)
 
 
 class Mount:
@@ -90,19 +82,15 @@ class Mount:
         )
         if proc.returncode != 0:
             raise AssertionError(f"mount failed: {proc.stderr.strip()}\n{self.log_tail()}")
-        with open(_state_file(str(self.path))) as f:
-            self.pid = int(json.load(f)["pid"])
+        state = read_worker_state(str(self.path))
+        if state is None:
+            raise AssertionError(f"mount worker wrote no state file\n{self.log_tail()}")
+        self.pid = int(state["pid"])
         if not self.alive():
             raise AssertionError(f"mount worker died right after mounting\n{self.log_tail()}")
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except OSError:
-            return False
+        return self.pid is not None and pid_alive(self.pid)
 
     def log(self) -> str:
         try:
