@@ -346,3 +346,22 @@ def test_rename_dir_moves_files_whose_upload_is_pending(store: Store, tmp_path: 
     assert not [k for k in keys if k.startswith("d/")]
     assert {"e/0", "e/1", "e/2"} <= set(keys)
     pfs.shutdown()
+
+
+def test_lookups_after_listing_expiry_relist_instead_of_per_file(tmp_path: Path) -> None:
+    # `ls -l` that outlasts the metadata TTL must still cost LIST requests only.
+    import time
+
+    store = MemStore("relist")
+    for i in range(3000):
+        store.put_bytes(f"big/f{i:05d}", b"x", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0.05)
+    names = [n for n, _ in pfs.readdir("/big")]
+    store.calls.clear()
+    for i, name in enumerate(names):
+        if i % 1000 == 0:
+            time.sleep(0.06)  # the listing expires mid-walk
+        assert pfs.getattr("/big/" + name).size == 1
+    assert set(store.calls) == {"list"}
+    assert store.calls["list"] <= 3 * 4  # three refreshes of three pages, and slack
+    pfs.shutdown()

@@ -245,14 +245,16 @@ def test_ls_l_of_10000_objects_is_list_only(
     for size in range(7):
         keys = [f"pool/big/f{i:05d}" for i in range(size, 10_000, 7)]
         moto_server.put_objects(s3_backend._bucket, keys, body=b"x" * size)
-    m = mounter(s3_backend, "--metadata-ttl", "30")
+    m = mounter(s3_backend)  # default 1 s TTL: the walk outlasts it
     moto_server.reset_counts()
     out = run(f"ls -l {m.path}/big", timeout=300).stdout
     assert out.count("\n") == 10_001
     counts = moto_server.request_counts()
     per_file = {k: v for k, v in counts.items() if k not in ("ListObjectsV2", "ListObjects")}
     assert counts.get("ListObjectsV2", 0) + counts.get("ListObjects", 0) >= 10
-    assert sum(per_file.values()) <= 3, counts  # the directory's own lookup, never per file
+    # The directory itself is revalidated once per TTL (two HEADs each time): a handful of
+    # requests, never one per file (10,000).
+    assert sum(per_file.values()) <= 12, counts
     sizes = {line.split()[-1]: int(line.split()[4]) for line in out.splitlines()[1:]}
     assert sizes["f00006"] == 6 and sizes["f00007"] == 0
 

@@ -54,6 +54,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 _META_CACHE_SIZE = 200_000
+# How long after a listing expired a lookup in that directory refreshes the whole listing.
+_RELIST_WINDOW = 60.0
 
 
 def _block_signals() -> None:
@@ -86,6 +88,7 @@ class PoolFS:
         self._ns_lock = threading.RLock()
         self._nodes: dict[str, tuple[Node | None, float]] = {}
         self._listings: dict[str, _Listing] = {}
+        self._relisting: dict[str, threading.Event] = {}
         # key -> (etag, last_modified second, metadata): POSIX metadata seen for a version.
         self._meta_seen: collections.OrderedDict[str, tuple[str, int, dict[str, str]]] = (
             collections.OrderedDict()
@@ -240,6 +243,12 @@ class PoolFS:
             listing = self._listings.get(parent_path(path))
             if listing is not None and self._fresh(listing.expires):
                 return self._found(listing.children.get(path.rsplit("/", 1)[1]))
+            # A directory listed moments ago is being walked (ls -l, a glob, find): refresh
+            # its listing, one LIST per 1000 names, rather than resolve each name on its own.
+            relist = listing is not None and time.monotonic() - listing.expires < _RELIST_WINDOW
+        if relist:
+            listing = self._refresh_listing(parent_path(path))
+            return self._found(listing.children.get(path.rsplit("/", 1)[1]))
         node = self._resolve(path, key)
         with self._lock:
             self._nodes[path] = (node, self._expiry())
@@ -311,7 +320,7 @@ class PoolFS:
             if listing is None or not self._fresh(listing.expires):
                 listing = None
         if listing is None:
-            listing = self._list(path)
+            listing = self._refresh_listing(path)
         entries = dict(listing.children)
         prefix = path.rstrip("/") + "/"
         with self._lock:
@@ -322,6 +331,30 @@ class PoolFS:
                 if "/" not in rest:
                     entries[rest] = sf.node()
         return sorted(entries.items())
+
+    def _refresh_listing(self, path: str) -> _Listing:
+        """A fresh listing of `path`; concurrent callers share one store listing."""
+        with self._lock:
+            listing = self._listings.get(path)
+            if listing is not None and self._fresh(listing.expires):
+                return listing
+            done = self._relisting.get(path)
+            leader = done is None
+            if done is None:
+                done = self._relisting[path] = threading.Event()
+        if not leader:
+            done.wait(self.config.metadata_ttl + 120)
+            with self._lock:
+                listing = self._listings.get(path)
+            if listing is not None and self._fresh(listing.expires):
+                return listing
+            return self._list(path)
+        try:
+            return self._list(path)
+        finally:
+            with self._lock:
+                del self._relisting[path]
+            done.set()
 
     def _list(self, path: str) -> _Listing:
         key = path_to_key(path)
