@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from poolfs.fs.meta import MODE_KEY, MTIME_KEY
 from poolfs.stores import (
     Changed,
     Denied,
+    ListPage,
     NotFound,
     Store,
     StoreError,
@@ -364,4 +366,38 @@ def test_lookups_after_listing_expiry_relist_instead_of_per_file(tmp_path: Path)
         assert pfs.getattr("/big/" + name).size == 1
     assert set(store.calls) == {"list"}
     assert store.calls["list"] <= 3 * 4  # three refreshes of three pages, and slack
+    pfs.shutdown()
+
+
+class HeldListing(MemStore):
+    """A store whose next listing of `d/` is taken, then held until released."""
+
+    def __init__(self) -> None:
+        super().__init__("held")
+        self.armed = False
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def list_pages(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+        pages = list(super().list_pages(prefix, delimiter))
+        if self.armed and prefix == "d/":
+            self.armed = False
+            self.entered.set()
+            self.go.wait(10)
+        yield from pages
+
+
+def test_listing_taken_during_a_change_keeps_the_change(tmp_path: Path) -> None:
+    store = HeldListing()
+    pfs = make_fs(store, tmp_path, metadata_ttl=60)
+    pfs.mkdir("/d", 0o755)
+    pfs._listings.clear()
+    store.armed = True
+    lister = threading.Thread(target=pfs.readdir, args=("/d",))
+    lister.start()
+    assert store.entered.wait(10)
+    write_file(pfs, "/d/x", b"1")  # stored while the listing above is in flight
+    store.go.set()
+    lister.join(10)
+    assert [n for n, _ in pfs.readdir("/d")] == ["x"]
     pfs.shutdown()

@@ -56,6 +56,7 @@ UTIME_OMIT = (1 << 30) - 2
 _META_CACHE_SIZE = 200_000
 # How long after a listing expired a lookup in that directory refreshes the whole listing.
 _RELIST_WINDOW = 60.0
+_CHANGE_LOG_MAX = 20_000
 
 
 def _block_signals() -> None:
@@ -89,6 +90,9 @@ class PoolFS:
         self._nodes: dict[str, tuple[Node | None, float]] = {}
         self._listings: dict[str, _Listing] = {}
         self._relisting: dict[str, threading.Event] = {}
+        # dir path -> name -> (sequence number, node or None): our recent changes, by directory.
+        self._changes: dict[str, dict[str, tuple[int, Node | None]]] = {}
+        self._seq = 0
         # key -> (etag, last_modified second, metadata): POSIX metadata seen for a version.
         self._meta_seen: collections.OrderedDict[str, tuple[str, int, dict[str, str]]] = (
             collections.OrderedDict()
@@ -194,14 +198,26 @@ class PoolFS:
         return Node(True, 0, self._mode(mode), mtime, atime, mtime, None, has, info is not None)
 
     def _set_node(self, path: str, node: Node | None) -> None:
-        """Record our own change of `path` in both caches."""
+        """Record our own change of `path` (already done in the store) in the caches.
+
+        The change is also logged per directory with a sequence number, so that a listing
+        that was under way while it happened can apply it on top (see `_list`).
+        """
         with self._lock:
             self._nodes[path] = (node, self._expiry())
             if path == "/":
                 return
-            parent = self._listings.get(parent_path(path))
+            parent_dir = parent_path(path)
+            name = path.rsplit("/", 1)[1]
+            self._seq += 1
+            changes = self._changes.setdefault(parent_dir, {})
+            changes[name] = (self._seq, node)
+            if len(changes) > _CHANGE_LOG_MAX:
+                # A directory changed this much without being listed: keep the newer half.
+                cut = sorted(seq for seq, _ in changes.values())[len(changes) // 2]
+                self._changes[parent_dir] = {n: c for n, c in changes.items() if c[0] >= cut}
+            parent = self._listings.get(parent_dir)
             if parent is not None:
-                name = path.rsplit("/", 1)[1]
                 if node is None:
                     parent.children.pop(name, None)
                 else:
@@ -359,6 +375,8 @@ class PoolFS:
     def _list(self, path: str) -> _Listing:
         key = path_to_key(path)
         prefix = dir_marker(key)
+        with self._lock:
+            started = self._seq
         files: dict[str, ObjectInfo] = {}
         dirs: set[str] = set()
         has_marker = False
@@ -404,8 +422,21 @@ class PoolFS:
                 children[name] = previous
             else:
                 children[name] = self._dir_node(None, prefix + name + "/")
-        listing = _Listing(children, self._expiry())
         with self._lock:
+            # Our own changes made while the LIST was under way may be missing from it.
+            changes = self._changes.get(path, {})
+            for name, (seq, node) in changes.items():
+                if seq > started:
+                    if node is None:
+                        children.pop(name, None)
+                    else:
+                        children[name] = node
+            later = {n: c for n, c in changes.items() if c[0] > started}
+            if later:
+                self._changes[path] = later
+            else:
+                self._changes.pop(path, None)
+            listing = _Listing(children, self._expiry())
             self._listings[path] = listing
         return listing
 
