@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules providing `register(subparsers) -> None`.
-_COMMAND_MODULES = ("poolfs.cli_mount", "poolfs.cli_platform")
+_COMMAND_MODULES = ("poolfs.cli_mount", "poolfs.cli_platform", "poolfs.cli_pool")
 
 
 def build_parser() -> argparse.ArgumentParser:
