@@ -35,6 +35,7 @@ from mountd.settings import MountdSettings, SettingsError, parse_tcp_listen
 from mountd.workers import WorkerConfig, clean_stale
 from poolfs.catalog import Catalog
 from poolfs.grants import GrantSecret
+from poolfs.mounts import worker_env
 from poolfs.stores import StoreError, StoreOptions, parse_store_url
 
 __all__ = ["bind_unix_socket", "serve", "socket_in_use", "worker_environment"]
@@ -95,11 +96,7 @@ def _bind_tcp(listen: str) -> socket.socket:
 
 def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """mountd's environment as its workers get it (boto3 settings pass through)."""
-    env = {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV)}
-    # Big request buffers would otherwise be page-faulted in on every FUSE request.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "67108864")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
-    return env
+    return worker_env({k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV)})
 
 
 class _Server(uvicorn.Server):

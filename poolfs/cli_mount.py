@@ -24,6 +24,7 @@ from poolfs.mounts import (
     find_mount,
     pid_alive,
     read_worker_state,
+    worker_env,
     worker_state_path,
     write_worker_state,
 )
@@ -180,10 +181,7 @@ def _spawn_worker(args: argparse.Namespace) -> int:
             cmd.append("--" + flag.replace("_", "-"))
     if args.endpoint_url:
         cmd += ["--endpoint-url", args.endpoint_url]
-    env = dict(os.environ)
-    # Big request buffers would otherwise be page-faulted in on every FUSE request.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "67108864")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
+    env = worker_env(os.environ)
     with open(log_file, "ab") as log_out:
         proc = subprocess.Popen(
             cmd,

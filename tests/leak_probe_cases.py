@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from tests.conftest import MountFactory
 
@@ -19,6 +20,8 @@ def test_worker_killed_mid_test(mounter: MountFactory) -> None:
     m = mounter("mem://leak2")
     assert m.pid is not None
     os.kill(m.pid, signal.SIGKILL)
+    while m.alive():  # the kill is asynchronous
+        time.sleep(0.01)
 
 
 def test_open_file_at_teardown(mounter: MountFactory) -> None:

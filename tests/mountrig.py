@@ -105,7 +105,10 @@ class Mount:
 
     def umount(self) -> None:
         """Clean unmount through the CLI; raises if it fails or the worker died."""
-        died = self.pid is not None and not self.alive()
+        # A worker that ends normally records it in its state file (which umount removes);
+        # one that was killed or crashed does not.
+        state = read_worker_state(str(self.path)) or {}
+        died = self.pid is not None and not self.alive() and not state.get("exited")
         proc = run([*POOLFS, "umount", str(self.path)], check=False, timeout=120)
         if died:
             raise AssertionError(f"mount worker died during the test\n{self.log_tail()}")

@@ -31,7 +31,7 @@ class FSConfig(BaseModel):
     min_block: int = Field(default=128 * 1024, ge=4096)
     # Sequential read-ahead: parallel parts of this size, window growing up to the maximum.
     part_size: int = Field(default=8 * MiB, ge=64 * 1024)
-    max_window: int = Field(default=64 * MiB, ge=64 * 1024)
+    max_window: int = Field(default=32 * MiB, ge=64 * 1024)
     # All read-ahead buffers of the mount together stay below this.
-    readahead_budget: int = Field(default=128 * MiB, ge=MiB)
+    readahead_budget: int = Field(default=64 * MiB, ge=MiB)
     io_threads: int = Field(default=16, ge=1, le=256)
