@@ -401,3 +401,49 @@ def test_listing_taken_during_a_change_keeps_the_change(tmp_path: Path) -> None:
     lister.join(10)
     assert [n for n, _ in pfs.readdir("/d")] == ["x"]
     pfs.shutdown()
+
+
+def test_directory_walk_fetches_next_small_files_ahead(tmp_path: Path) -> None:
+    import time
+
+    store = MemStore("walk")
+    for i in range(20):
+        store.put_bytes(f"d/f{i:02d}", f"v1-{i}".encode(), {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0.3)
+    pfs.readdir("/d")
+    store.calls.clear()
+    assert read_file(pfs, "/d/f00") == b"v1-0"
+    assert read_file(pfs, "/d/f01") == b"v1-1"  # ascending: a walk, f02..f09 fetched ahead
+    deadline = time.monotonic() + 5
+    while store.calls.get("get", 0) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.calls["get"] == 10
+    for i in range(2, 8):
+        assert read_file(pfs, f"/d/f{i:02d}") == f"v1-{i}".encode()
+    assert store.calls["get"] <= 10 + 8  # f02..f07 came from the blocks fetched ahead
+    # A block fetched ahead is never used past the metadata TTL: a change made meanwhile by
+    # another node is seen.
+    for i in range(8, 19):
+        read_file(pfs, f"/d/f{i:02d}")
+    assert "d/f19" in pfs._ahead  # fetched ahead, as v1
+    pfs._ahead["d/f19"][0].result()
+    store.put_bytes("d/f19", b"v2-19", {})
+    time.sleep(0.35)
+    assert read_file(pfs, "/d/f19") == b"v2-19"
+    pfs.shutdown()
+
+
+def test_writers_never_use_blocks_fetched_ahead(tmp_path: Path) -> None:
+    store = MemStore("walkw")
+    for i in range(4):
+        store.put_bytes(f"d/f{i}", b"old", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=60)
+    pfs.readdir("/d")
+    read_file(pfs, "/d/f0")
+    read_file(pfs, "/d/f1")  # f2, f3 fetched ahead
+    store.put_bytes("d/f2", b"newer", {})
+    fh = pfs.open("/d/f2", os.O_WRONLY | os.O_APPEND)
+    pfs.write(fh, 0, b"!")
+    pfs.release(fh)
+    assert store.raw_get("d/f2") == b"newer!"
+    pfs.shutdown()

@@ -17,6 +17,7 @@ Caching rules (close-to-open):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -26,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Literal
 
 from poolfs.fs.config import FSConfig
@@ -57,6 +58,8 @@ _META_CACHE_SIZE = 200_000
 # How long after a listing expired a lookup in that directory refreshes the whole listing.
 _RELIST_WINDOW = 60.0
 _CHANGE_LOG_MAX = 20_000
+# Opens that walk a listed directory in name order fetch this many next small files ahead.
+_WALK_AHEAD = 8
 
 
 def _block_signals() -> None:
@@ -68,6 +71,8 @@ def _block_signals() -> None:
 class _Listing:
     children: dict[str, Node]
     expires: float
+    # Names in order, made when a directory walk needs them; dropped on any change.
+    ordered: list[str] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,6 +98,9 @@ class PoolFS:
         # dir path -> name -> (sequence number, node or None): our recent changes, by directory.
         self._changes: dict[str, dict[str, tuple[int, Node | None]]] = {}
         self._seq = 0
+        # Directory walks: dir path -> last name opened; key -> (first-block GET, started).
+        self._walks: dict[str, str] = {}
+        self._ahead: dict[str, tuple[Future[tuple[bytes, ObjectInfo]], float]] = {}
         # key -> (etag, last_modified second, metadata): POSIX metadata seen for a version.
         self._meta_seen: collections.OrderedDict[str, tuple[str, int, dict[str, str]]] = (
             collections.OrderedDict()
@@ -218,10 +226,14 @@ class PoolFS:
                 self._changes[parent_dir] = {n: c for n, c in changes.items() if c[0] >= cut}
             parent = self._listings.get(parent_dir)
             if parent is not None:
+                parent.ordered = None
                 if node is None:
                     parent.children.pop(name, None)
                 else:
                     parent.children[name] = node
+            ahead = self._ahead.pop(path_to_key(path), None)
+        if ahead is not None:
+            ahead[0].cancel()
 
     def _forget_tree(self, path: str) -> None:
         prefix = path.rstrip("/") + "/"
@@ -590,7 +602,14 @@ class PoolFS:
             else:
                 sf = None
         if sf is None:
-            info, first = self._open_fetch(path, key)
+            # A writer's base version must be the current one: only readers use blocks
+            # fetched ahead (and a writer drops the one it finds).
+            fetched = self._take_ahead(key)
+            if writable or flags & os.O_TRUNC:
+                fetched = None
+            info, first = fetched if fetched is not None else self._open_fetch(path, key)
+            if not writable:
+                self._walk_ahead(path)
             node = self._file_node(info)
             self._set_node(path, node)
             if not writable and not flags & os.O_TRUNC:
@@ -622,6 +641,57 @@ class PoolFS:
                 self.release(fh)
                 raise
         return fh
+
+    def _walk_ahead(self, path: str) -> None:
+        """Opens walking a listed directory in name order (cat dir/*, cp -r, a loop over
+        DataPool.list_files()) start the first-block GETs of the next small files, so the
+        walk is not one GET round trip per file."""
+        parent, name = parent_path(path), path.rsplit("/", 1)[1]
+        prefix = dir_marker(path_to_key(parent))
+        now = time.monotonic()
+        with self._lock:
+            last = self._walks.get(parent)
+            self._walks[parent] = name
+            if len(self._walks) > 1024:
+                self._walks = {parent: name}
+            listing = self._listings.get(parent)
+            if listing is None or last is None or name <= last:
+                return
+            if listing.ordered is None:
+                listing.ordered = sorted(listing.children)
+            ordered = listing.ordered
+            start = bisect.bisect_right(ordered, name)
+            keys = [
+                prefix + n
+                for n in ordered[start : start + _WALK_AHEAD]
+                if not listing.children[n].is_dir
+                and listing.children[n].size <= self.config.first_block
+                and prefix + n not in self._ahead
+            ]
+            for stale in [k for k, (_, t) in self._ahead.items() if now - t > self._ttl_ahead]:
+                self._ahead.pop(stale)[0].cancel()
+            for key in keys:
+                fut = self._executor.submit(self.store.get_range, key, 0, self.config.first_block)
+                self._ahead[key] = (fut, now)
+
+    @property
+    def _ttl_ahead(self) -> float:
+        return max(self.config.metadata_ttl, 0.001)
+
+    def _take_ahead(self, key: str) -> tuple[ObjectInfo, bytes] | None:
+        """A first block fetched ahead by a walk, if it is younger than the metadata TTL."""
+        with self._lock:
+            entry = self._ahead.pop(key, None)
+        if entry is None:
+            return None
+        fut, started = entry
+        try:
+            data, info = fut.result()
+        except (StoreError, CancelledError):
+            return None  # fetch it again the ordinary way, which reports errors properly
+        if time.monotonic() - started > self._ttl_ahead:
+            return None
+        return info, data
 
     def _open_fetch(self, path: str, key: str) -> tuple[ObjectInfo, bytes]:
         """One GET that revalidates the object and returns its first block."""
