@@ -265,6 +265,17 @@ def test_delete_is_idempotent(store: Store) -> None:
     store.delete("no/such/dir/")
 
 
+def test_any_below(store: Store) -> None:
+    assert not store.any_below("a/")
+    store.put_bytes("a/b/c", b"x", {})
+    store.put_bytes("m/", b"", {})
+    assert store.any_below("a/")
+    assert store.any_below("a/b/")
+    assert store.any_below("m/")  # a marker alone makes a directory
+    assert not store.any_below("b/")
+    assert not store.any_below("a/c/")
+
+
 def test_markers(store: Store, kind: str) -> None:
     info = store.put_bytes("dir/", b"", {"mode": "750"})
     assert (info.key, info.size) == ("dir/", 0)

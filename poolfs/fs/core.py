@@ -313,7 +313,7 @@ class PoolFS:
         """
         marker = dir_marker(key)
         f_marker = self._executor.submit(self.store.head, marker)
-        f_list = self._executor.submit(lambda: next(iter(self.store.list_pages(marker, "/"))))
+        f_below = self._executor.submit(self.store.any_below, marker)
         try:
             try:
                 file_info: ObjectInfo | None = self.store.head(key)
@@ -323,8 +323,7 @@ class PoolFS:
                 return self._dir_node(f_marker.result(), marker)
             except NotFound:
                 pass
-            page = f_list.result()
-            if page.objects or page.prefixes:
+            if f_below.result():
                 if file_info is not None:
                     self._log_once(
                         "shadow:" + key, "object %r is shadowed by directory %r", key, marker
@@ -335,7 +334,7 @@ class PoolFS:
             raise from_store(exc, "lookup", path) from exc
         finally:
             f_marker.cancel()
-            f_list.cancel()
+            f_below.cancel()
 
     # ------------------------------------------------------------------ directories
 
@@ -450,6 +449,10 @@ class PoolFS:
                 self._changes.pop(path, None)
             listing = _Listing(children, self._expiry())
             self._listings[path] = listing
+            # The listing just proved the directory exists: its own attributes stay valid.
+            own = self._nodes.get(path)
+            if own is not None and own[0] is not None and own[0].is_dir:
+                self._nodes[path] = (own[0], listing.expires)
         return listing
 
     def _usable(self, name: str, key: str) -> bool:

@@ -140,6 +140,12 @@ class Store(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, default is nothing to release
         """Release connections and thread pools."""
 
+    def any_below(self, prefix: str) -> bool:
+        """Whether any key starts with `prefix` ("" or ending in "/"). Stores that can ask
+        for a single key override this; the default reads the first listing page."""
+        page = next(iter(self.list_pages(prefix, "/")), None)
+        return page is not None and bool(page.objects or page.prefixes)
+
     def list_all(self, prefix: str, delimiter: str | None = "/") -> ListPage:
         """All pages of `list_pages` joined."""
         objects: list[ObjectInfo] = []

@@ -626,6 +626,16 @@ class S3Store(Store):
             prefixes = tuple(item["Prefix"][cut:] for item in page.get("CommonPrefixes", ()))
             yield ListPage(objects, prefixes)
 
+    def any_below(self, prefix: str) -> bool:
+        # One key is enough to know: a directory lookup must not parse a 1000-key page.
+        try:
+            reply = self._client.list_objects_v2(
+                Bucket=self.bucket, Prefix=self._s3key(prefix), MaxKeys=1
+            )
+        except _BOTO_ERRORS as exc:
+            self._fail("list", prefix, exc)
+        return int(reply.get("KeyCount", 0)) > 0
+
     def close(self) -> None:
         self._client.close()
 
