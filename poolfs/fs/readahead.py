@@ -146,11 +146,9 @@ class ReadAhead:
         while pos < end:
             ext = self._find(pos)
             if ext is None:
-                if sequential:
-                    # Up to the part boundary, so later prefetches line up with it.
-                    ext_end = min(max(pos - pos % self._part + self._part, end), self._size)
-                else:
-                    ext_end = min(max(end, pos + self._min_block), self._size)
+                # Only what is asked (at least min_block): the reader waits for this fetch.
+                # Sequential readers get the parts beyond from _prefetch, in parallel.
+                ext_end = min(max(end, pos + self._min_block), self._size)
                 nxt = self._next_start(pos)
                 if nxt is not None and nxt < ext_end:
                     ext_end = nxt

@@ -1,0 +1,117 @@
+"""ReadAhead with a lambda for a store (the rules in poolfs/fs/readahead.py's docstring)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from poolfs.fs.readahead import ByteBudget, ReadAhead
+
+pytestmark = pytest.mark.core
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 64 * MiB
+DATA = bytes(range(256)) * (SIZE // 256)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def fetch(self, start: int, end: int) -> bytes:
+        with self.lock:
+            self.calls.append((start, end))
+        return DATA[start:end]
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(8) as ex:
+        yield ex
+
+
+def make(rec: Recorder, pool: ThreadPoolExecutor, budget: ByteBudget) -> ReadAhead:
+    return ReadAhead(
+        rec.fetch,
+        SIZE,
+        executor=pool,
+        budget=budget,
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=128 * KiB,
+    )
+
+
+def test_sequential_reads_are_correct_and_prefetch_ahead(pool: ThreadPoolExecutor) -> None:
+    rec, budget = Recorder(), ByteBudget(64 * MiB)
+    ra = make(rec, pool, budget)
+    pos = 0
+    while pos < SIZE:
+        chunk = ra.read(pos, MiB)
+        assert chunk == DATA[pos : pos + MiB]
+        pos += len(chunk)
+    fetched = sum(e - s for s, e in rec.calls)
+    assert fetched == SIZE  # every byte fetched once: no overlap, nothing twice
+    assert max(e - s for s, e in rec.calls) == 4 * MiB  # in parts, ahead of the reader
+    ra.close()
+    assert budget.used == 0
+
+
+def test_first_read_waits_only_for_what_it_asks(pool: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    rec = Recorder()
+
+    def slow(start: int, end: int) -> bytes:
+        if start > 0:
+            gate.wait(5)  # prefetches stall; the demand read must not wait for them
+        return rec.fetch(start, end)
+
+    ra = ReadAhead(
+        slow,
+        SIZE,
+        executor=pool,
+        budget=ByteBudget(64 * MiB),
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=128 * KiB,
+    )
+    assert ra.read(0, 4096) == DATA[:4096]
+    assert rec.calls[0] == (0, 128 * KiB)
+    gate.set()
+    ra.close()
+
+
+def test_random_reads_fetch_only_what_is_asked(pool: ThreadPoolExecutor) -> None:
+    rec = Recorder()
+    ra = make(rec, pool, ByteBudget(64 * MiB))
+    for offset in (40 * MiB, 3 * MiB, 50 * MiB + 7, 10 * MiB):
+        assert ra.read(offset, 4096) == DATA[offset : offset + 4096]
+    assert all(e - s == 128 * KiB for s, e in rec.calls)
+    assert len(rec.calls) == 4
+    ra.close()
+
+
+def test_budget_bounds_prefetch_across_handles(pool: ThreadPoolExecutor) -> None:
+    rec, budget = Recorder(), ByteBudget(8 * MiB)
+    readers = [make(rec, pool, budget) for _ in range(4)]
+    for ra in readers:
+        for pos in range(0, 2 * MiB, 256 * KiB):
+            assert ra.read(pos, 256 * KiB) == DATA[pos : pos + 256 * KiB]
+        assert budget.used <= 8 * MiB
+    for ra in readers:
+        ra.close()
+    assert budget.used == 0
+
+
+def test_seeded_bytes_are_used(pool: ThreadPoolExecutor) -> None:
+    rec = Recorder()
+    ra = make(rec, pool, ByteBudget(64 * MiB))
+    ra.seed(0, DATA[: 256 * KiB])
+    assert ra.read(0, 100 * KiB) == DATA[: 100 * KiB]
+    assert rec.calls == [] or all(s >= 256 * KiB for s, _ in rec.calls)
+    ra.close()
