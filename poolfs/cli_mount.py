@@ -288,8 +288,8 @@ def _run_worker(args: argparse.Namespace) -> int:
             store.check()
         except StoreError as exc:
             raise MountError(f"store {args.pool_url} unreachable: {exc}") from exc
-        if shutil.which("fusermount") is None:
-            raise MountError("fusermount not found: install fuse3 and libfuse2")
+        if shutil.which("fusermount3") is None:
+            raise MountError("fusermount3 not found: install fuse3 and libfuse3-3")
         fs = PoolFS(store, config)
     except (InvalidStoreURL, MountError, ValueError, OSError) as exc:
         log.error("mount failed: %s", exc)
