@@ -63,6 +63,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="staging area for writes; failed uploads kept in DIR/lost+found",
     )
     m.add_argument("--metadata-ttl", type=float, default=1.0, metavar="SECONDS")
+    m.add_argument(
+        "--read-ahead-kib",
+        type=int,
+        default=None,
+        metavar="KIB",
+        help="kernel read-ahead of the mount (default 1024; 0 keeps the kernel's 128 KiB)",
+    )
     m.add_argument("--uid", type=int, default=os.getuid(), metavar="N")
     m.add_argument("--gid", type=int, default=os.getgid(), metavar="N")
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
@@ -175,6 +182,8 @@ def _spawn_worker(args: argparse.Namespace) -> int:
         "--store-timeout",
         str(args.store_timeout),
     ]
+    if args.read_ahead_kib is not None:
+        cmd += ["--read-ahead-kib", str(args.read_ahead_kib)]
     for flag in ("read_only", "allow_other", "debug"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -258,7 +267,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _run_worker(args: argparse.Namespace) -> int:
     from poolfs.fs.core import PoolFS
-    from poolfs.fs.fuse_ops import serve
+    from poolfs.fs.fuse_ops import DEFAULT_READ_AHEAD_KIB, serve
 
     _setup_logging(args)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -328,6 +337,10 @@ def _run_worker(args: argparse.Namespace) -> int:
             on_ready=ready,
             on_destroy=destroyed,
             debug=args.debug,
+            read_ahead_kib=(
+                DEFAULT_READ_AHEAD_KIB if args.read_ahead_kib is None else args.read_ahead_kib
+            )
+            or None,
         )
     except RuntimeError as exc:
         report(f"error: FUSE mount on {mountpoint} failed ({exc}); see {args.log_file or 'log'}")
