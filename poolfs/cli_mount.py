@@ -84,6 +84,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument(
         "--log-file", metavar="FILE", help="worker log (default: SPILL_DIR/logs/<mountpoint>.log)"
     )
+    m.add_argument(
+        "--fs-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a filesystem setting by name, e.g. readahead_budget=33554432 (repeatable; "
+        "for tuning and benchmarks, see bench/README.md)",
+    )
     m.add_argument("--debug", action="store_true", help="verbose logging")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
@@ -184,6 +192,8 @@ def _spawn_worker(args: argparse.Namespace) -> int:
     ]
     if args.read_ahead_kib is not None:
         cmd += ["--read-ahead-kib", str(args.read_ahead_kib)]
+    for option in args.fs_option:
+        cmd.append(f"--fs-option={option}")
     for flag in ("read_only", "allow_other", "debug"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -265,6 +275,23 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.debug else logging.INFO)
 
 
+# FSConfig settings that have a flag of their own.
+_OWN_FLAGS = frozenset({"read_only", "max_file_size", "spill_dir", "metadata_ttl", "uid", "gid"})
+
+
+def _fs_options(items: list[str]) -> dict[str, str]:
+    """`--fs-option NAME=VALUE` pairs; FSConfig validates names and converts values."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--fs-option {item!r}: expected NAME=VALUE")
+        if name not in FSConfig.model_fields or name in _OWN_FLAGS:
+            raise ValueError(f"--fs-option {item!r}: no setting {name!r} (or it has a flag)")
+        out[name] = value
+    return out
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from poolfs.fs.core import PoolFS
     from poolfs.fs.fuse_ops import DEFAULT_READ_AHEAD_KIB, serve
@@ -282,13 +309,16 @@ def _run_worker(args: argparse.Namespace) -> int:
             ready_fd = None
 
     try:
-        config = FSConfig(
-            read_only=args.read_only,
-            max_file_size=args.max_file_size,
-            spill_dir=args.spill_dir,
-            metadata_ttl=args.metadata_ttl,
-            uid=args.uid,
-            gid=args.gid,
+        config = FSConfig.model_validate(
+            {
+                **_fs_options(args.fs_option),
+                "read_only": args.read_only,
+                "max_file_size": args.max_file_size,
+                "spill_dir": args.spill_dir,
+                "metadata_ttl": args.metadata_ttl,
+                "uid": args.uid,
+                "gid": args.gid,
+            }
         )
         options = StoreOptions(endpoint_url=args.endpoint_url, timeout=args.store_timeout)
         store = open_store(args.pool_url, options)
