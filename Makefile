@@ -10,12 +10,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: setup system-packages demo demo-umount test lint
 
 system-packages:
-	@if ! command -v fusermount >/dev/null || ! ldconfig -p | grep -q 'libfuse\.so\.2' \
+	@if ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q 'libfuse3\.so\.3' \
 		|| ! command -v systemd-analyze >/dev/null || ! command -v curl >/dev/null; then \
-		echo "installing fuse3, libfuse2, systemd (systemd-analyze) and curl (apt)"; \
+		echo "installing fuse3, libfuse3, systemd (systemd-analyze) and curl (apt)"; \
 		$(SUDO) apt-get update -qq && \
-		( $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse2 systemd curl || \
-		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse2t64 systemd curl ); \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3 systemd curl; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

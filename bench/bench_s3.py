@@ -1,21 +1,25 @@
-"""poolfs against direct boto3 on the same SeaweedFS server (127.0.0.1), in the same run.
+"""poolfs against direct boto3, s3fs-fuse and rclone mount on one SeaweedFS server (127.0.0.1).
 
-Run from the repository root (see bench/README.md for what each workload measures):
+Run from the repository root as root (see bench/README.md for what each workload measures):
 
-    .venv/bin/python -m bench.bench_s3 [--runs 3] [--size-mib 256] [--files 1000]
-                                       [--file-kib 4] [--entries 10000] [--profile DIR]
+    .venv/bin/python -m bench.bench_s3            # full run, medians of 3
+    .venv/bin/python -m bench.bench_s3 --quick    # small sizes, one run, under 2 minutes
 
 The script starts its own `weed mini` (tests.servers.SeaweedServer), makes a bucket, uploads
-the data sets with boto3, then measures each workload `--runs` times, alternating direct boto3
-(one client, one stream, no parallelism) and poolfs (a fresh `poolfs mount` per measurement,
-unmounted right after with `poolfs umount`). Page caches are dropped before every measured step.
-It prints one markdown table of medians to stdout (progress goes to stderr) and exits non-zero
-if any mount, unmount or workload failed.
+the data sets with boto3, then measures each workload `--runs` times: direct boto3 (one
+client; one stream, or N threads for the parallel workloads) and each mounter on the same
+bucket prefix: poolfs, s3fs-fuse and rclone mount (`--vfs-cache-mode off`), each with a fresh
+mount per measurement, unmounted right after. s3fs and rclone are installed with apt-get if
+missing. Page caches are dropped before every measured step. It prints one markdown table
+(medians, the issue's targets as ratios, pass/fail) to stdout (progress goes to stderr) and
+exits non-zero if any mount, unmount or workload failed. Missed targets do not change the exit
+status: the table says which.
 
 Whatever happens (failure, Ctrl-C, SIGTERM, SIGHUP) it unmounts everything it mounted (`poolfs
-umount`, then `fusermount -uz`), stops the mount workers it started if they linger and stops the
-server: processes are only ever signalled by the PID this script started, or, for a mount worker,
-a PID whose command line serves one of this run's own mountpoints.
+umount` or `fusermount -u`, then `fusermount -uz`), stops the mount processes it started if
+they linger and stops the server: processes are only ever signalled by the PID this script
+started, or, for a poolfs mount worker, a PID whose command line serves one of this run's own
+mountpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -74,7 +79,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 POOLFS_MAX_FILE = 500 * MiB
 
 READ, WRITE, CAT, LS1, LS2 = "read", "write", "cat", "ls1", "ls2"
-BOTO3, POOLFS_SIDE = "boto3", "poolfs"
+RAND1, RAND8, TTFB, PAR = "rand1", "rand8", "ttfb", "par8"
+RSS_READ, RSS_PAR = "rss_read", "rss_par8"
+BOTO3, POOLFS_SIDE, S3FS, RCLONE = "boto3", "poolfs", "s3fs", "rclone"
+MOUNTERS = (POOLFS_SIDE, S3FS, RCLONE)
+SIDES = (BOTO3, *MOUNTERS)
+PAR_JOBS = 8  # parallel sequential readers (and random-read jobs) of the parallel workloads
+RAND_BLOCK = 4096
 
 
 def log(msg: str) -> None:
@@ -195,17 +206,23 @@ class Series:
 class Workload:
     key: str
     label: str
-    unit: str  # "MB/s", "files/s" or "s"
+    unit: str  # "MB/s", "files/s", "IOPS" (higher is better); "s", "ms", "MiB" (lower)
 
     @property
     def is_time(self) -> bool:
-        return self.unit == "s"
+        return self.unit in ("s", "ms")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit in ("MB/s", "files/s", "IOPS")
 
 
 @dataclasses.dataclass(slots=True)
 class MountInfo:
+    kind: str  # poolfs, s3fs or rclone
     path: Path
-    pid: int | None = None
+    pid: int | None = None  # the FUSE daemon serving the mount
+    proc: subprocess.Popen[bytes] | None = None  # s3fs/rclone: the process we started
     ready_seconds: float = 0.0
 
 
@@ -226,6 +243,10 @@ class Bench:
         self.workdir = workdir
         self.size = int(args.size_mib * MiB)
         self.file_size = int(args.file_kib * 1024)
+        self.ttfb_size = int(args.ttfb_mib * MiB)
+        self.par_size = int(args.parallel_mib * MiB)
+        self.mounters: list[str] = list(args.mounters)
+        self.sides = [BOTO3, *self.mounters]
         self.server: SeaweedServer | None = None
         self._client: S3Client | None = None
         self.mounts: list[MountInfo] = []
@@ -233,24 +254,38 @@ class Bench:
         self.drop_error: str | None = None
         self.drops = 0
         self.source: Path | None = None
-        self.rss_peak_mib: list[float] = []
-        self.rss_before_mib: list[float] = []
-        self.rss_hwm_mib: list[float] = []
-        self.write_data_s: list[float] = []  # poolfs seq write: seconds in write(2) calls
-        self.write_close_s: list[float] = []  # ... and in close(2) (the upload)
+        self.secrets_dir: Path | None = None  # s3fs passwd file and rclone config (mode 0700)
+        self.write_data_s: dict[str, list[float]] = {m: [] for m in MOUNTERS}
+        self.write_close_s: dict[str, list[float]] = {m: [] for m in MOUNTERS}
+        self.rss_before_mib: list[float] = []  # poolfs, just before the seq read
+        self.loads: list[str] = []
+        n, fs_, par = args.entries, _size(self.file_size), _size(self.par_size)
         self.workloads = [
             Workload(READ, f"seq read, {_size(self.size)} object (MB/s)", "MB/s"),
             Workload(WRITE, f"seq write, {_size(self.size)} until durable (MB/s)", "MB/s"),
-            Workload(
-                CAT, f"cat {args.files:,} x {_size(self.file_size)} files (files/s)", "files/s"
-            ),
-            Workload(LS1, f"`ls -l` {args.entries:,} entries, first run (s)", "s"),
-            Workload(LS2, f"`ls -l` {args.entries:,} entries, second run (s)", "s"),
+            Workload(CAT, f"`cat` {args.files:,} x {fs_} files (files/s)", "files/s"),
+            Workload(LS1, f"`ls -l` {n:,} entries, first run (s)", "s"),
+            Workload(LS2, f"`ls -l` {n:,} entries, second run (s)", "s"),
+            Workload(RAND1, "random 4 KiB reads, 1 job (IOPS)", "IOPS"),
+            Workload(RAND8, f"random 4 KiB reads, {PAR_JOBS} jobs (IOPS)", "IOPS"),
+            Workload(TTFB, f"time to first byte, {_size(self.ttfb_size)} object (ms)", "ms"),
+            Workload(PAR, f"{PAR_JOBS} parallel seq readers, {PAR_JOBS} x {par} (MB/s)", "MB/s"),
+            Workload(RSS_READ, "daemon RSS peak during seq read (MiB)", "MiB"),
+            Workload(RSS_PAR, f"daemon RSS peak, {PAR_JOBS} parallel readers (MiB)", "MiB"),
         ]
+        if args.only:
+            keep = set(args.only)
+            keep |= {RSS_READ} if READ in keep else set()
+            keep |= {RSS_PAR} if PAR in keep else set()
+            keep |= {LS2} if LS1 in keep else set()
+            self.workloads = [w for w in self.workloads if w.key in keep]
         self.results: dict[tuple[str, str], Series] = {
-            (w.key, side): Series() for w in self.workloads for side in (BOTO3, POOLFS_SIDE)
+            (w.key, side): Series() for w in self.workloads for side in SIDES
         }
         self.env = self._tool_env()
+
+    def wants(self, key: str) -> bool:
+        return any(w.key == key for w in self.workloads)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -264,7 +299,7 @@ class Bench:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("AWS_") and k not in ("LANG", "LANGUAGE")
+            if not k.startswith(("AWS_", "RCLONE_")) and k not in ("LANG", "LANGUAGE")
         }
         env.update(
             AWS_ACCESS_KEY_ID=ACCESS_KEY,
@@ -309,7 +344,7 @@ class Bench:
     @contextlib.contextmanager
     def meter(self, worker_pid: int | None = None) -> Iterator[Timing]:
         """Wall time and CPU seconds of the block (client: this process, waited-for children
-        and the mount worker; server: weed)."""
+        and the mount daemon; server: weed)."""
         timing = Timing()
         server_pid = self.server.pid if self.server else None
         own0, kids0 = time.process_time(), children_cpu()
@@ -323,6 +358,8 @@ class Bench:
         timing.server_cpu = proc_cpu(server_pid) - server0
 
     def record(self, workload: str, side: str, step: Callable[[], tuple[float, Timing]]) -> None:
+        if not self.wants(workload):
+            return
         series = self.results[(workload, side)]
         try:
             value, timing = step()
@@ -330,14 +367,61 @@ class Bench:
             series.errors.append(f"{type(exc).__name__}: {exc}")
             self.fail(f"{workload}/{side}: {exc}")
             return
+        self.add(workload, side, value, timing)
+
+    def add(self, workload: str, side: str, value: float, timing: Timing | None = None) -> None:
+        series = self.results[(workload, side)]
         series.values.append(value)
-        series.client_cpu.append(timing.client_cpu)
-        series.server_cpu.append(timing.server_cpu)
         unit = next(w.unit for w in self.workloads if w.key == workload)
-        log(
-            f"  {workload:5} {side:6} {value:10.3f} {unit:7} wall {timing.wall:7.3f} s, "
-            f"cpu client {timing.client_cpu:6.2f} s, server {timing.server_cpu:6.2f} s"
+        msg = f"  {workload:8} {side:6} {value:10.3f} {unit:7}"
+        if timing is not None:
+            series.client_cpu.append(timing.client_cpu)
+            series.server_cpu.append(timing.server_cpu)
+            msg += (
+                f" wall {timing.wall:7.3f} s, cpu client {timing.client_cpu:6.2f} s, "
+                f"server {timing.server_cpu:6.2f} s"
+            )
+        log(msg)
+
+    # --- tools -----------------------------------------------------------------------------
+
+    def ensure_tools(self) -> None:
+        """s3fs and rclone from apt if missing; a mounter whose tool cannot be had fails."""
+        wanted = {S3FS: "s3fs", RCLONE: "rclone"}
+        missing = [pkg for kind, pkg in wanted.items() if kind in self.mounters]
+        missing = [pkg for pkg in missing if shutil.which(pkg) is None]
+        if not missing:
+            return
+        log(f"installing {', '.join(missing)} (apt-get)")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        install = ["apt-get", "install", "-y", "-qq", *missing]
+        proc = subprocess.run(install, capture_output=True, env=env, check=False, timeout=600)
+        if proc.returncode != 0:  # a stale package list: update once and retry
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+            proc = subprocess.run(install, capture_output=True, env=env, check=False, timeout=600)
+        for kind, pkg in wanted.items():
+            if kind in self.mounters and shutil.which(pkg) is None:
+                err = proc.stderr.decode(errors="replace").strip().splitlines()
+                self.fail(f"{kind}: cannot install {pkg}: {err[-1] if err else proc.returncode}")
+                self.mounters.remove(kind)
+                self.sides.remove(kind)
+
+    def write_secrets(self) -> None:
+        """The s3fs passwd file and the rclone config, in a private temp dir."""
+        assert self.server is not None
+        self.secrets_dir = Path(tempfile.mkdtemp(prefix="secrets-", dir=self.workdir))
+        os.chmod(self.secrets_dir, 0o700)
+        passwd = self.secrets_dir / "passwd-s3fs"
+        passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        os.chmod(passwd, 0o600)
+        conf = self.secrets_dir / "rclone.conf"
+        conf.write_text(
+            "[bench]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+            f"access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n"
+            f"endpoint = {self.server.endpoint_url}\nregion = {REGION}\n"
+            "force_path_style = true\n"
         )
+        os.chmod(conf, 0o600)
 
     # --- server and data -------------------------------------------------------------------
 
@@ -348,6 +432,7 @@ class Bench:
         log(f"SeaweedFS S3 at {self.server.endpoint_url} (pid {self.server.pid})")
         self._client = s3_client(self.server.endpoint_url, timeout=300.0)
         self.client.create_bucket(Bucket=BUCKET)
+        self.write_secrets()
 
     def _source_dir(self) -> Path:
         """Where the write source lives: /dev/shm if it has room (tmpfs survives drop_caches,
@@ -371,19 +456,43 @@ class Bench:
         started = time.monotonic()
         with open(self.source, "rb") as f:
             self.client.put_object(Bucket=BUCKET, Key=PREFIX + "read/big.bin", Body=f)
-        # The directory poolfs writes into (boto3 writes next to it).
+        # The directory the mounters write into (boto3 writes next to it).
         self.client.put_object(Bucket=BUCKET, Key=PREFIX + "write/", Body=b"")
-        small = os.urandom(self.file_size)
-        self._put_many([self._small_key(i) for i in range(self.args.files)], small)
-        self._put_many([self._entry_key(i) for i in range(self.args.entries)], b"e" * 100)
+        if self.wants(CAT):
+            small = os.urandom(self.file_size)
+            self._put_many([self._small_key(i) for i in range(self.args.files)], small)
+        if self.wants(LS1):
+            self._put_many([self._entry_key(i) for i in range(self.args.entries)], b"e" * 100)
+        if self.wants(TTFB):
+            self._put_random(PREFIX + "ttfb/huge.bin", self.ttfb_size)
+        if self.wants(PAR):
+            for i in range(PAR_JOBS):
+                self._put_random(self._par_key(i), self.par_size)
         log(f"uploaded the data sets in {time.monotonic() - started:.1f} s")
         # Warm the client (connections, paginator and operation models) outside the timings.
         for _ in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=BUCKET, Prefix=PREFIX + "small/", Delimiter="/"
         ):
             break
-        self.client.get_object(Bucket=BUCKET, Key=self._small_key(0))["Body"].read()
+        self.client.get_object(Bucket=BUCKET, Key=PREFIX + "read/big.bin", Range="bytes=0-0")[
+            "Body"
+        ].read()
         self.client.head_object(Bucket=BUCKET, Key=PREFIX + "read/big.bin")
+
+    def _put_random(self, key: str, size: int) -> None:
+        """A large object of random bytes, in one upload (boto3's managed multipart)."""
+        log(f"putting {key} ({_size(size)})")
+        block = os.urandom(min(size, 8 * MiB))
+        path = self.workdir / "upload.tmp"
+        with open(path, "wb") as f:
+            left = size
+            while left > 0:
+                # Rotate the block so that no two 8 MiB parts are equal.
+                f.write(block[left % 4096 :] + block[: left % 4096] if left != size else block)
+                left -= len(block)
+            f.truncate(size)
+        self.client.upload_file(str(path), BUCKET, key)
+        path.unlink()
 
     def _put_many(self, keys: list[str], body: bytes) -> None:
         log(f"putting {len(keys):,} objects of {len(body)} bytes")
@@ -402,14 +511,31 @@ class Bench:
     def _entry_key(i: int) -> str:
         return f"{PREFIX}many/e{i:06d}"
 
+    @staticmethod
+    def _par_key(i: int) -> str:
+        return f"{PREFIX}par/p{i}.bin"
+
     # --- mounts ----------------------------------------------------------------------------
 
-    def mount(self, name: str) -> MountInfo:
+    def mount(self, kind: str, name: str) -> MountInfo:
         assert self.server is not None
-        path = self.workdir / "mnt" / name
+        path = self.workdir / "mnt" / f"{kind}-{name}"
         path.mkdir(parents=True)
-        info = MountInfo(path)
+        info = MountInfo(kind, path)
         self.mounts.append(info)  # before mounting: cleanup must see a half-made mount too
+        started = time.perf_counter()
+        if kind == POOLFS_SIDE:
+            self._mount_poolfs(info, name)
+        else:
+            self._mount_other(info, name)
+        info.ready_seconds = time.perf_counter() - started
+        if self.args.read_ahead_kb is not None:
+            self._set_read_ahead(info)
+        return info
+
+    def _mount_poolfs(self, info: MountInfo, name: str) -> None:
+        assert self.server is not None
+        path = info.path
         cmd = [
             *POOLFS,
             "mount",
@@ -420,16 +546,14 @@ class Bench:
             "--spill-dir",
             str(self.workdir / "spill"),
             "--log-file",
-            str(self.workdir / "logs" / f"{name}.log"),
+            str(self.workdir / "logs" / f"poolfs-{name}.log"),
         ]
         if self.size > POOLFS_MAX_FILE:
             cmd += ["--max-file-size", str(self.size)]
         cmd += self.args.mount_option
-        started = time.perf_counter()
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=self.env, timeout=120, check=False
         )
-        info.ready_seconds = time.perf_counter() - started
         # The worker is found by its command line (`poolfs mount ... MOUNTPOINT --foreground`):
         # the mountpoint is unique to this run, and this needs no poolfs internals.
         pids = worker_pids(str(path))
@@ -439,36 +563,117 @@ class Bench:
             raise BenchFailure(f"poolfs mount on {path} failed ({proc.returncode}): {reason}")
         if info.pid is None:
             raise BenchFailure(f"no single worker process for the mount on {path}: {pids}")
-        return info
+
+    def _mount_other(self, info: MountInfo, name: str) -> None:
+        """s3fs or rclone in the foreground, as a child of this process; ready once mounted."""
+        assert self.server is not None
+        assert self.secrets_dir is not None
+        path = str(info.path)
+        if info.kind == S3FS:
+            cmd = [
+                "s3fs",
+                f"{BUCKET}:/{PREFIX.rstrip('/')}",
+                path,
+                "-f",
+                "-o",
+                f"passwd_file={self.secrets_dir / 'passwd-s3fs'}",
+                "-o",
+                f"url={self.server.endpoint_url}",
+                "-o",
+                "use_path_request_style",
+                "-o",
+                f"endpoint={REGION}",
+            ]
+        else:
+            cmd = [
+                "rclone",
+                "mount",
+                f"bench:{BUCKET}/{PREFIX.rstrip('/')}",
+                path,
+                "--config",
+                str(self.secrets_dir / "rclone.conf"),
+                "--vfs-cache-mode",
+                "off",
+            ]
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{info.kind}-{name}.log", "ab") as out:
+            info.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env
+            )
+        info.pid = info.proc.pid
+        deadline = time.monotonic() + 30
+        while find_mount(path) is None:
+            if info.proc.poll() is not None:
+                raise BenchFailure(
+                    f"{info.kind} mount on {path} exited {info.proc.returncode}: "
+                    f"{_last_line(logs / f'{info.kind}-{name}.log')}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"{info.kind} mount on {path}: not mounted after 30 s")
+            time.sleep(0.02)
+        # Mounted is not yet serving: wait until the root answers.
+        while True:
+            try:
+                os.listdir(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _set_read_ahead(self, info: MountInfo) -> None:
+        """Experiment: the kernel read-ahead of the mount's backing device (bdi), in KiB."""
+        if info.kind != POOLFS_SIDE:
+            return
+        dev = os.stat(info.path).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        bdi.write_text(f"{self.args.read_ahead_kb}\n")
 
     def umount(self, info: MountInfo) -> None:
-        """`poolfs umount`; if that fails, `fusermount -uz`; a lingering worker of this mount
-        gets SIGTERM, then SIGKILL. Failures are recorded, never raised."""
+        """Unmount (`poolfs umount` for poolfs, `fusermount -u` for the others); if that fails,
+        `fusermount -uz`; a lingering daemon of this mount gets SIGTERM, then SIGKILL.
+        Failures are recorded, never raised."""
         mp = str(info.path)
         if find_mount(mp) is not None:
+            cmd = [*POOLFS, "umount", mp, "--timeout", "300"]
+            if info.kind != POOLFS_SIDE:
+                cmd = ["fusermount", "-u", mp]
             try:
                 proc = subprocess.run(
-                    [*POOLFS, "umount", mp, "--timeout", "300"],
-                    capture_output=True,
-                    text=True,
-                    env=self.env,
-                    timeout=330,
-                    check=False,
+                    cmd, capture_output=True, text=True, env=self.env, timeout=330, check=False
                 )
                 if proc.returncode != 0:
-                    self.fail(f"poolfs umount {mp}: {proc.stderr.strip() or proc.returncode}")
+                    self.fail(f"{cmd[0]} umount {mp}: {proc.stderr.strip() or proc.returncode}")
             except subprocess.TimeoutExpired:
-                self.fail(f"poolfs umount {mp} timed out")
+                self.fail(f"umount {mp} timed out")
             if find_mount(mp) is not None:
                 log(f"falling back to fusermount -uz {mp}")
                 subprocess.run(["fusermount", "-uz", mp], capture_output=True, check=False)
                 if find_mount(mp) is not None:
                     self.fail(f"{mp} is still mounted")
+        if info.proc is not None:
+            self._stop_child(info.proc, mp)
+            return
         pids = set(worker_pids(mp))
         if info.pid is not None:
             pids.add(info.pid)
         for pid in sorted(pids):
             self._stop_worker(pid, mp)
+
+    def _stop_child(self, proc: subprocess.Popen[bytes], mountpoint: str) -> None:
+        """s3fs/rclone: exits once unmounted; else SIGTERM, then SIGKILL (our own child)."""
+        for sig, wait in ((None, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                if proc.poll() is not None:
+                    return
+                self.fail(f"mount process {proc.pid} of {mountpoint} still running: {sig.name}")
+                proc.send_signal(sig)
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
     def _stop_worker(self, pid: int, mountpoint: str) -> None:
         deadline = time.monotonic() + 30
@@ -486,8 +691,8 @@ class Bench:
                 time.sleep(0.05)
 
     @contextlib.contextmanager
-    def mounted(self, name: str) -> Iterator[MountInfo]:
-        info = self.mount(name)
+    def mounted(self, kind: str, name: str) -> Iterator[MountInfo]:
+        info = self.mount(kind, name)
         try:
             yield info
         finally:
@@ -532,10 +737,76 @@ class Bench:
         _expect(count, self.args.entries, "keys listed")
         return t.wall, t
 
-    # --- workloads: poolfs ---------------------------------------------------------------------
+    def boto3_random(self, jobs: int) -> tuple[float, Timing]:
+        """Ranged GETs of 4 KiB at random aligned offsets of the seq-read object, from `jobs`
+        threads sharing one client, for --rand-seconds."""
+        key = PREFIX + "read/big.bin"
 
-    def poolfs_read(self, run: int) -> tuple[float, Timing]:
-        with self.mounted(f"read-{run}") as m:
+        def read_at(offset: int) -> int:
+            rng = f"bytes={offset}-{offset + RAND_BLOCK - 1}"
+            body = self.client.get_object(Bucket=BUCKET, Key=key, Range=rng)["Body"]
+            return len(body.read())
+
+        self.drop_caches()
+        return self._random_jobs(read_at, jobs, None)
+
+    def boto3_ttfb(self) -> tuple[float, Timing]:
+        self.drop_caches()
+        key = PREFIX + "ttfb/huge.bin"
+        with self.meter() as t:
+            body = self.client.get_object(Bucket=BUCKET, Key=key, Range="bytes=0-0")["Body"]
+            n = len(body.read(1))
+        _expect(n, 1, "bytes read")
+        return t.wall * 1000, t
+
+    def boto3_parallel(self) -> tuple[float, Timing]:
+        def get(i: int) -> int:
+            return len(self.client.get_object(Bucket=BUCKET, Key=self._par_key(i))["Body"].read())
+
+        self.drop_caches()
+        with self.meter() as t, ThreadPoolExecutor(PAR_JOBS) as pool:
+            total = sum(pool.map(get, range(PAR_JOBS)))
+        _expect(total, PAR_JOBS * self.par_size, "bytes read")
+        return total / t.wall / MB, t
+
+    def _random_jobs(
+        self, read_at: Callable[[int], int], jobs: int, pid: int | None
+    ) -> tuple[float, Timing]:
+        """Run `read_at(random aligned offset)` in `jobs` threads for --rand-seconds."""
+        blocks = self.size // RAND_BLOCK
+        seconds = self.args.rand_seconds
+        counts = [0] * jobs
+        errors: list[BaseException] = []
+        start = threading.Barrier(jobs + 1)
+        stop = threading.Event()
+
+        def job(i: int) -> None:
+            rng = random.Random(i)
+            start.wait()
+            try:
+                while not stop.is_set():
+                    _expect(read_at(rng.randrange(blocks) * RAND_BLOCK), RAND_BLOCK, "bytes")
+                    counts[i] += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(jobs)]
+        for th in threads:
+            th.start()
+        with self.meter(pid) as t:
+            start.wait()
+            time.sleep(seconds)
+            stop.set()
+            for th in threads:
+                th.join()
+        if errors:
+            raise BenchFailure(f"random read: {errors[0]}")
+        return sum(counts) / t.wall, t
+
+    # --- workloads: mounts ---------------------------------------------------------------------
+
+    def mount_read(self, kind: str, run: int) -> tuple[float, Timing]:
+        with self.mounted(kind, f"read-{run}") as m:
             assert m.pid is not None
             self.drop_caches()
             before = status_kib(m.pid, "VmRSS") or 0
@@ -543,23 +814,22 @@ class Bench:
                 proc = self.run_tool(
                     ["dd", f"if={m.path / 'read' / 'big.bin'}", "of=/dev/null", "bs=1M"]
                 )
-            hwm = status_kib(m.pid, "VmHWM") or 0
         _expect(_dd_bytes(proc.stderr), self.size, "bytes read by dd")
-        self.rss_before_mib.append(before / 1024)
-        self.rss_peak_mib.append(rss.peak_kib / 1024)
-        self.rss_hwm_mib.append(hwm / 1024)
+        if kind == POOLFS_SIDE:
+            self.rss_before_mib.append(before / 1024)
+        self.add(RSS_READ, kind, rss.peak_kib / 1024)
         return self.size / t.wall / MB, t
 
-    def poolfs_write(self, run: int) -> tuple[float, Timing]:
+    def mount_write(self, kind: str, run: int) -> tuple[float, Timing]:
         assert self.source is not None
-        name = f"poolfs-{run}.bin"
-        with self.mounted(f"write-{run}") as m:
+        name = f"{kind}-{run}.bin"
+        with self.mounted(kind, f"write-{run}") as m:
             self.drop_caches()
             with self.meter(m.pid) as t:
                 written, close_s = self.copy_source_to(m.path / "write" / name)
         _expect(written, self.size, "bytes written")
-        self.write_close_s.append(close_s)
-        self.write_data_s.append(t.wall - close_s)
+        self.write_close_s[kind].append(close_s)
+        self.write_data_s[kind].append(t.wall - close_s)
         key = f"{PREFIX}write/{name}"
         _expect(self.client.head_object(Bucket=BUCKET, Key=key)["ContentLength"], self.size, key)
         self.client.delete_object(Bucket=BUCKET, Key=key)
@@ -591,8 +861,8 @@ class Bench:
             os.close(fd)
             return written, time.perf_counter() - started
 
-    def poolfs_cat(self, run: int) -> tuple[float, Timing]:
-        with self.mounted(f"cat-{run}") as m:
+    def mount_cat(self, kind: str, run: int) -> tuple[float, Timing]:
+        with self.mounted(kind, f"cat-{run}") as m:
             self.drop_caches()
             with self.meter(m.pid) as t:
                 # One process: the shell expands the glob (one readdir), cat reads every file.
@@ -602,9 +872,9 @@ class Bench:
         _expect(len(proc.stdout), self.args.files * self.file_size, "bytes from cat")
         return self.args.files / t.wall, t
 
-    def poolfs_ls(self, run: int) -> tuple[tuple[float, Timing], tuple[float, Timing]]:
+    def mount_ls(self, kind: str, run: int) -> tuple[tuple[float, Timing], tuple[float, Timing]]:
         out: list[tuple[float, Timing]] = []
-        with self.mounted(f"ls-{run}") as m:
+        with self.mounted(kind, f"ls-{run}") as m:
             self.drop_caches()
             for _ in range(2):  # first run on the fresh mount, then again immediately
                 with self.meter(m.pid) as t:
@@ -613,57 +883,142 @@ class Bench:
                 out.append((t.wall, t))
         return out[0], out[1]
 
+    def mount_random(self, kind: str, jobs: int, run: int) -> tuple[float, Timing]:
+        """os.pread of 4 KiB at random aligned offsets, `jobs` threads each with its own
+        descriptor (POSIX_FADV_RANDOM, as fio does: no kernel read-ahead)."""
+        with self.mounted(kind, f"rand{jobs}-{run}") as m:
+            path = m.path / "read" / "big.bin"
+            fds = [os.open(path, os.O_RDONLY) for _ in range(jobs)]
+            try:
+                for fd in fds:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self.drop_caches()
+                local = threading.local()
+                pool = iter(fds)
+                lock = threading.Lock()
+
+                def read_at(offset: int) -> int:
+                    fd = getattr(local, "fd", None)
+                    if fd is None:
+                        with lock:
+                            fd = local.fd = next(pool)
+                    return len(os.pread(fd, RAND_BLOCK, offset))
+
+                return self._random_jobs(read_at, jobs, m.pid)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def mount_ttfb(self, kind: str, run: int) -> tuple[float, Timing]:
+        """open + read(1) of an object not opened before on a fresh mount (lookup included)."""
+        with self.mounted(kind, f"ttfb-{run}") as m:
+            self.drop_caches()
+            with self.meter(m.pid) as t:
+                fd = os.open(m.path / "ttfb" / "huge.bin", os.O_RDONLY)
+                try:
+                    n = len(os.read(fd, 1))
+                finally:
+                    os.close(fd)
+        _expect(n, 1, "bytes read")
+        return t.wall * 1000, t
+
+    def mount_parallel(self, kind: str, run: int) -> tuple[float, Timing]:
+        """`dd bs=1M` of 8 different objects at once; daemon RSS peak meanwhile."""
+        with self.mounted(kind, f"par-{run}") as m:
+            assert m.pid is not None
+            self.drop_caches()
+            with RssSampler(m.pid) as rss, self.meter(m.pid) as t:
+                procs = [
+                    subprocess.Popen(
+                        ["dd", f"if={m.path / 'par' / f'p{i}.bin'}", "of=/dev/null", "bs=1M"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        env=self.env,
+                    )
+                    for i in range(PAR_JOBS)
+                ]
+                results = [(p.communicate(timeout=600)[1], p.returncode) for p in procs]
+        for stderr, code in results:
+            if code != 0:
+                raise BenchFailure(f"dd exited {code}: {stderr.decode(errors='replace')[-200:]}")
+            _expect(_dd_bytes(stderr), self.par_size, "bytes read by dd")
+        self.add(RSS_PAR, kind, rss.peak_kib / 1024)
+        return PAR_JOBS * self.par_size / t.wall / MB, t
+
     # --- driver ----------------------------------------------------------------------------
 
     def run(self) -> None:
         runs = self.args.runs
         for run in range(1, runs + 1):
-            log(f"seq read, run {run}/{runs}")
-            self.record(READ, BOTO3, self.boto3_read)
-            self.record(READ, POOLFS_SIDE, functools.partial(self.poolfs_read, run))
+            if self.wants(READ):
+                log(f"seq read, run {run}/{runs}")
+                self.record(READ, BOTO3, self.boto3_read)
+                for kind in self.mounters:
+                    self.record(READ, kind, functools.partial(self.mount_read, kind, run))
         for run in range(1, runs + 1):
-            log(f"seq write, run {run}/{runs}")
-            self.record(WRITE, BOTO3, functools.partial(self.boto3_write, run))
-            self.record(WRITE, POOLFS_SIDE, functools.partial(self.poolfs_write, run))
+            if self.wants(WRITE):
+                log(f"seq write, run {run}/{runs}")
+                self.record(WRITE, BOTO3, functools.partial(self.boto3_write, run))
+                for kind in self.mounters:
+                    self.record(WRITE, kind, functools.partial(self.mount_write, kind, run))
         for run in range(1, runs + 1):
-            log(f"cat of small files, run {run}/{runs}")
-            self.record(CAT, BOTO3, self.boto3_cat)
-            self.record(CAT, POOLFS_SIDE, functools.partial(self.poolfs_cat, run))
+            if self.wants(CAT):
+                log(f"cat of small files, run {run}/{runs}")
+                self.record(CAT, BOTO3, self.boto3_cat)
+                for kind in self.mounters:
+                    self.record(CAT, kind, functools.partial(self.mount_cat, kind, run))
         for run in range(1, runs + 1):
-            log(f"ls -l, run {run}/{runs}")
-            self.drop_caches()
-            self.record(LS1, BOTO3, self.boto3_list)
-            self.record(LS2, BOTO3, self.boto3_list)
-            self._poolfs_ls(run)
+            if self.wants(LS1):
+                log(f"ls -l, run {run}/{runs}")
+                self.drop_caches()
+                self.record(LS1, BOTO3, self.boto3_list)
+                self.record(LS2, BOTO3, self.boto3_list)
+                for kind in self.mounters:
+                    self._mount_ls(kind, run)
+        for key, jobs in ((RAND1, 1), (RAND8, PAR_JOBS)):
+            for run in range(1, runs + 1):
+                if self.wants(key):
+                    log(f"random 4 KiB reads, {jobs} job(s), run {run}/{runs}")
+                    self.record(key, BOTO3, functools.partial(self.boto3_random, jobs))
+                    for kind in self.mounters:
+                        step = functools.partial(self.mount_random, kind, jobs, run)
+                        self.record(key, kind, step)
+        for run in range(1, runs + 1):
+            if self.wants(TTFB):
+                log(f"time to first byte, run {run}/{runs}")
+                self.record(TTFB, BOTO3, self.boto3_ttfb)
+                for kind in self.mounters:
+                    self.record(TTFB, kind, functools.partial(self.mount_ttfb, kind, run))
+        for run in range(1, runs + 1):
+            if self.wants(PAR):
+                log(f"{PAR_JOBS} parallel sequential readers, run {run}/{runs}")
+                self.record(PAR, BOTO3, self.boto3_parallel)
+                for kind in self.mounters:
+                    self.record(PAR, kind, functools.partial(self.mount_parallel, kind, run))
+        self.loads.append(_load())
 
-    def _poolfs_ls(self, run: int) -> None:
+    def _mount_ls(self, kind: str, run: int) -> None:
         try:
-            first, second = self.poolfs_ls(run)
+            first, second = self.mount_ls(kind, run)
         except Exception as exc:
             for key in (LS1, LS2):
-                self.results[(key, POOLFS_SIDE)].errors.append(str(exc))
-            self.fail(f"ls/poolfs: {exc}")
+                self.results[(key, kind)].errors.append(str(exc))
+            self.fail(f"ls/{kind}: {exc}")
             return
-        self.record(LS1, POOLFS_SIDE, lambda: first)
-        self.record(LS2, POOLFS_SIDE, lambda: second)
+        self.record(LS1, kind, lambda: first)
+        self.record(LS2, kind, lambda: second)
 
     def profile(self, out_dir: Path) -> None:
-        """Unmeasured extra seq read and seq write with py-spy attached to the worker."""
+        """Unmeasured extra runs of the poolfs workloads with py-spy attached to the worker."""
         assert self.source is not None
         py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         if py_spy is None:
             self.fail("--profile: py-spy not found (pip install py-spy into the venv)")
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("seq-read", "seq-write"):
-            with self.mounted(f"profile-{name}") as m:
-                dest = m.path / "write" / "prof.bin"
-                big = m.path / "read" / "big.bin"
-                step: Callable[[], object] = functools.partial(self.copy_source_to, dest)
-                if name == "seq-read":
-                    step = functools.partial(
-                        self.run_tool, ["dd", f"if={big}", "of=/dev/null", "bs=1M"]
-                    )
+        for name in self.args.profile_workloads:
+            with self.mounted(POOLFS_SIDE, f"profile-{name}") as m:
+                step = self._profile_step(name, m)
                 self.drop_caches()
                 raw = out_dir / f"{name}.txt"
                 # --gil: only samples of the thread holding the GIL, i.e. Python CPU time.
@@ -683,11 +1038,42 @@ class Bench:
                     except subprocess.TimeoutExpired:
                         spy.kill()
                         spy.wait()
-            log(f"profile {name}: {self.size / t.wall / MB:.0f} MB/s under py-spy -> {raw}")
+            log(
+                f"profile {name}: {t.wall:.2f} s, worker+client CPU {t.client_cpu:.2f} s "
+                f"under py-spy -> {raw}"
+            )
             if raw.exists():
                 (out_dir / f"{name}-summary.txt").write_text(summarize_profile(raw))
         with contextlib.suppress(botocore.exceptions.ClientError):
             self.client.delete_object(Bucket=BUCKET, Key=PREFIX + "write/prof.bin")
+
+    def _profile_step(self, name: str, m: MountInfo) -> Callable[[], object]:
+        big = m.path / "read" / "big.bin"
+        if name == "seq-read":
+            return functools.partial(self.run_tool, ["dd", f"if={big}", "of=/dev/null", "bs=1M"])
+        if name == "seq-write":
+            return functools.partial(self.copy_source_to, m.path / "write" / "prof.bin")
+        if name == "cat":
+            return functools.partial(
+                self.run_tool, ["sh", "-c", 'exec cat -- "$1"/*', "sh", str(m.path / "small")]
+            )
+        if name == "ls":
+            return functools.partial(self.run_tool, ["ls", "-l", str(m.path / "many")])
+        if name == "ttfb":
+            return functools.partial(
+                self.run_tool, ["head", "-c", "1", str(m.path / "ttfb" / "huge.bin")]
+            )
+        jobs = 1 if name == "rand1" else PAR_JOBS
+        fd = os.open(big, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+        def rand() -> None:
+            try:
+                self._random_jobs(lambda off: len(os.pread(fd, RAND_BLOCK, off)), jobs, None)
+            finally:
+                os.close(fd)
+
+        return rand
 
     # --- cleanup ---------------------------------------------------------------------------
 
@@ -704,52 +1090,98 @@ class Bench:
             self.server.stop()
         if self.source is not None and self.source.parent != self.workdir:
             shutil.rmtree(self.source.parent, ignore_errors=True)
+        if self.secrets_dir is not None:
+            shutil.rmtree(self.secrets_dir, ignore_errors=True)
 
     # --- report ----------------------------------------------------------------------------
 
+    def _median(self, key: str, side: str) -> float | None:
+        s = self.results.get((key, side))
+        return s.median() if s is not None else None
+
+    def target(self, key: str) -> tuple[str, str, str]:
+        """(target, poolfs' ratio, PASS/FAIL/-) for a workload, per the issue's targets."""
+        p = self._median(key, POOLFS_SIDE)
+        b = self._median(key, BOTO3)
+        others = [v for k in (S3FS, RCLONE) if (v := self._median(key, k)) is not None]
+
+        def verdict(ok: bool | None) -> str:
+            return "-" if ok is None else ("PASS" if ok else "**FAIL**")
+
+        def over(num: float | None, den: float | None) -> float | None:
+            return num / den if num is not None and den else None
+
+        if key in (READ, WRITE, RAND1, RAND8):
+            r = over(p, b)
+            return ">= 1.0x boto3", _ratio(r), verdict(None if r is None else r >= 1.0)
+        if key == CAT:
+            r1 = over(p, b)
+            r2 = over(p, max(others)) if others else None
+            ok = None if r1 is None else r1 >= 1.0 and (r2 is None or r2 >= 1.3)
+            text = ">= 1.0x boto3, >= 1.3x best of s3fs/rclone"
+            return text, f"{_ratio(r1)}, {_ratio(r2)}", verdict(ok)
+        if key == LS1:
+            r = over(p, b)
+            return "<= 1.2x boto3 list time", _ratio(r), verdict(None if r is None else r <= 1.2)
+        if key == LS2:
+            return "<= 0.2 s", "-", verdict(None if p is None else p <= 0.2)
+        if key == TTFB:
+            r = over(p, b)
+            return "<= 1.5x boto3 1-byte GET", _ratio(r), verdict(None if r is None else r <= 1.5)
+        if key == RSS_READ:
+            return "<= 100 MiB", "-", verdict(None if p is None else p <= 100)
+        if key == RSS_PAR:
+            return "<= 256 MiB", "-", verdict(None if p is None else p <= 256)
+        r = over(p, b)
+        return "(no target)", _ratio(r), "-"
+
     def report(self, facts: dict[str, str]) -> str:
         now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        names = {BOTO3: "direct boto3", POOLFS_SIDE: "poolfs", S3FS: "s3fs", RCLONE: "rclone"}
         lines = [
-            f"poolfs vs direct boto3, SeaweedFS on 127.0.0.1, {now}, "
+            f"poolfs vs direct boto3, s3fs and rclone, SeaweedFS on 127.0.0.1, {now}, "
             f"median of {self.args.runs} run(s)",
             "",
-            "| workload | direct boto3 | poolfs | ratio |",
-            "|---|---:|---:|---:|",
+            "| workload | "
+            + " | ".join(names[s] for s in self.sides)
+            + " | target (poolfs) | poolfs ratio | pass |",
+            "|---|" + "---:|" * len(self.sides) + "---|---:|---|",
         ]
         for w in self.workloads:
-            bs, ps = self.results[(w.key, BOTO3)], self.results[(w.key, POOLFS_SIDE)]
-            b, p = bs.median(), ps.median()
-            ratio = "-"
-            if b is not None and p is not None and b > 0 and p > 0:
-                ratio = f"{(b / p if w.is_time else p / b):.2f}x"
-            cells = f"{_fmt(b, w, bool(bs.errors))} | {_fmt(p, w, bool(ps.errors))}"
-            lines.append(f"| {w.label} | {cells} | {ratio} |")
+            cells = []
+            for side in self.sides:
+                s = self.results[(w.key, side)]
+                if side == BOTO3 and w.key in (RSS_READ, RSS_PAR):
+                    cells.append("-")
+                else:
+                    cells.append(_fmt(s.median(), w, bool(s.errors)))
+            text, ratio, ok = self.target(w.key)
+            lines.append(f"| {w.label} | {' | '.join(cells)} | {text} | {ratio} | {ok} |")
         lines.append("")
         lines.append(
-            "Ratio: poolfs speed relative to direct boto3, higher is better (for `ls -l`: "
-            "boto3 seconds / poolfs seconds)."
+            "Ratios: poolfs / direct boto3 (for the cat row also poolfs / the better of s3fs "
+            "and rclone); for times (`ls -l`, time to first byte) poolfs seconds / boto3 "
+            "seconds, so lower is better there."
         )
         lines.append("")
-        if self.rss_peak_mib:
+        if self.rss_before_mib:
             lines.append(
-                "- poolfs worker RSS during seq read: peak "
-                f"{statistics.median(self.rss_peak_mib):.0f} MiB "
-                f"(median; runs: {_join(self.rss_peak_mib, '.0f')}), "
-                f"{statistics.median(self.rss_before_mib):.0f} MiB just before the read; "
-                f"VmHWM {_join(self.rss_hwm_mib, '.0f')} MiB"
+                "- poolfs worker RSS just before the seq read: "
+                f"{statistics.median(self.rss_before_mib):.0f} MiB (median)"
             )
-        else:
-            lines.append("- poolfs worker RSS during seq read: not measured (seq read failed)")
-        if self.write_close_s:
-            lines.append(
-                "- poolfs seq write, time in write(2) calls (staging) / in close(2) (upload): "
-                f"{statistics.median(self.write_data_s):.2f} s / "
-                f"{statistics.median(self.write_close_s):.2f} s (median)"
-            )
+        for kind in self.mounters:
+            if self.write_close_s[kind]:
+                lines.append(
+                    f"- {kind} seq write, time in write(2) calls / in close(2): "
+                    f"{statistics.median(self.write_data_s[kind]):.2f} s / "
+                    f"{statistics.median(self.write_close_s[kind]):.2f} s (median)"
+                )
         lines.append("- per run (in order):")
         for w in self.workloads:
-            for side in (BOTO3, POOLFS_SIDE):
+            for side in self.sides:
                 s = self.results[(w.key, side)]
+                if not s.values and not s.errors:
+                    continue
                 vals = _join(s.values, ".3f" if w.is_time else ".1f") or "-"
                 cpu = ""
                 if s.client_cpu:
@@ -760,21 +1192,24 @@ class Bench:
                 err = f"; {len(s.errors)} FAILED (see FAILURES)" if s.errors else ""
                 lines.append(f"  - {w.key} {side}: {vals} {w.unit}{cpu}{err}")
         lines.append(
-            "  - CPU s: client = this process + the tool it ran (dd/cat/ls) + the poolfs worker;"
+            "  - CPU s: client = this process + the tool it ran (dd/cat/ls) + the mount daemon;"
             " server = weed"
         )
         if self.args.mount_option:
             lines.append(f"- extra `poolfs mount` arguments: {' '.join(self.args.mount_option)}")
+        if self.args.read_ahead_kb is not None:
+            lines.append(f"- poolfs mounts' bdi read_ahead_kb set to {self.args.read_ahead_kb}")
         if self.drop_error is None:
             lines.append(f"- page caches dropped before every step ({self.drops} times)")
         else:
             lines.append(f"- page caches NOT dropped: {self.drop_error}")
-        ready = [m.ready_seconds for m in self.mounts if m.ready_seconds]
-        if ready:
-            lines.append(
-                f"- `poolfs mount` until ready: median {statistics.median(ready):.2f} s over "
-                f"{len(ready)} mounts"
-            )
+        for kind in self.mounters:
+            ready = [m.ready_seconds for m in self.mounts if m.kind == kind and m.ready_seconds]
+            if ready:
+                lines.append(
+                    f"- `{kind}` mount until ready: median {statistics.median(ready):.2f} s "
+                    f"over {len(ready)} mounts"
+                )
         for key, value in facts.items():
             lines.append(f"- {key}: {value}")
         if self.failures:
@@ -797,9 +1232,27 @@ def _size(n: int) -> str:
 def _fmt(value: float | None, w: Workload, failed: bool) -> str:
     if value is None:
         return "FAILED" if failed else "not run"
-    if w.is_time:
+    if w.unit == "s":
         return f"{value:.3f} s"
+    if w.unit == "ms":
+        return f"{value:.1f} ms"
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    return f"no output (see {path})"
 
 
 def _join(values: Sequence[float], spec: str) -> str:
@@ -832,19 +1285,19 @@ def machine_facts() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return {
         "machine": f"nproc {len(os.sched_getaffinity(0))}, {cpu}, kernel {platform.release()}, "
-        f"Python {platform.python_version()}, load average at start {load}",
+        f"Python {platform.python_version()}, load average (1, 5, 15 min) at start {_load()}",
         "software": f"SeaweedFS `{_first_line([weed_binary(), 'version'])}`, boto3 "
-        f"{boto3.__version__}, botocore {botocore.__version__}, fusepy "
-        f"{importlib.metadata.version('fusepy')} on {_libfuse()}",
+        f"{boto3.__version__}, botocore {botocore.__version__}, poolfs on mfusepy "
+        f"{importlib.metadata.version('mfusepy')} and {_libfuse()}, "
+        f"`{_first_line(['s3fs', '--version'])}`, `{_first_line(['rclone', 'version'])}`",
     }
 
 
 def _libfuse() -> str:
-    """The libfuse file fusepy loads (e.g. libfuse.so.2.9.9), from this process' maps."""
-    import fuse  # noqa: F401  (loads libfuse)
+    """The libfuse the poolfs adapter loads (e.g. libfuse3.so.3.14.0), from this process' maps."""
+    from poolfs.fs import fuse_ops  # noqa: F401  (loads libfuse)
 
     with contextlib.suppress(OSError), open("/proc/self/maps") as f:
         for line in f:
@@ -887,16 +1340,59 @@ def _frame_name(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
+WORKLOAD_KEYS = (READ, WRITE, CAT, LS1, RAND1, RAND8, TTFB, PAR)
+PROFILE_WORKLOADS = ("seq-read", "seq-write", "cat", "ls", "rand1", "rand8", "ttfb")
+QUICK = {
+    "runs": 1,
+    "size_mib": 32,
+    "files": 100,
+    "entries": 1000,
+    "rand_seconds": 2.0,
+    "ttfb_mib": 64,
+    "parallel_mib": 16,
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_s3",
-        description="poolfs vs direct boto3 on a SeaweedFS server this script starts.",
+        description="poolfs vs direct boto3, s3fs and rclone on a SeaweedFS server this script "
+        "starts.",
     )
     p.add_argument("--runs", type=int, default=3, help="runs per workload (median; default 3)")
     p.add_argument("--size-mib", type=float, default=256, help="seq read/write size (256)")
     p.add_argument("--files", type=int, default=1000, help="small files to cat (1000)")
     p.add_argument("--file-kib", type=float, default=4, help="size of each small file (4)")
     p.add_argument("--entries", type=int, default=10_000, help="entries to ls -l (10000)")
+    p.add_argument(
+        "--rand-seconds", type=float, default=5.0, help="length of each random-read step (5)"
+    )
+    p.add_argument(
+        "--ttfb-mib", type=float, default=1024, help="object for time to first byte (1024)"
+    )
+    p.add_argument(
+        "--parallel-mib",
+        type=float,
+        default=128,
+        help=f"size of each of the {PAR_JOBS} objects read in parallel (128)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and one run (" + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ")",
+    )
+    p.add_argument(
+        "--mounters",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(MOUNTERS),
+        help="comma-separated subset of poolfs,s3fs,rclone (default: all three)",
+    )
+    p.add_argument(
+        "--only",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help=f"comma-separated workloads to run: {','.join(WORKLOAD_KEYS)} (default: all)",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -910,17 +1406,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra argument for every `poolfs mount`, e.g. --mount-option=--metadata-ttl=30 "
         "(repeatable; for experiments, the default run uses none)",
     )
+    p.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        metavar="KIB",
+        help="experiment: set the poolfs mounts' /sys/class/bdi/MAJ:MIN/read_ahead_kb after "
+        "mounting",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (logs) at the end")
     p.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
-        help="after the measured runs, profile one extra seq read and seq write of the worker "
-        "with py-spy (collapsed stacks + summary in DIR; not part of the table)",
+        help="after the measured runs, run poolfs workloads once more with py-spy attached to "
+        "the worker (collapsed stacks + summary in DIR; not part of the table)",
+    )
+    p.add_argument(
+        "--profile-workloads",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["seq-read", "seq-write"],
+        help=f"comma-separated, for --profile: {','.join(PROFILE_WORKLOADS)} "
+        "(default seq-read,seq-write)",
     )
     args = p.parse_args(argv)
+    if args.quick:
+        defaults = {k: p.get_default(k) for k in QUICK}
+        for key, value in QUICK.items():
+            if getattr(args, key) == defaults[key]:  # an explicit option still wins
+                setattr(args, key, value)
     if args.runs < 1 or args.size_mib <= 0 or args.files < 1 or args.entries < 1:
         p.error("--runs, --size-mib, --files and --entries must be positive")
+    if args.ttfb_mib <= 0 or args.parallel_mib <= 0 or args.rand_seconds <= 0:
+        p.error("--ttfb-mib, --parallel-mib and --rand-seconds must be positive")
+    bad = [m for m in args.mounters if m not in MOUNTERS]
+    bad += [w for w in args.only if w not in WORKLOAD_KEYS]
+    bad += [w for w in args.profile_workloads if w not in PROFILE_WORKLOADS]
+    if bad:
+        p.error(f"unknown mounter or workload: {', '.join(bad)}")
     return args
 
 
@@ -944,6 +1466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = machine_facts()
     code = 0
     try:
+        bench.ensure_tools()
         bench.start_server()
         bench.upload_data()
         bench.run()
@@ -972,7 +1495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"scratch dir kept (worker logs in {workdir / 'logs'})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    facts["load average at end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    facts["load average at end"] = _load()
     print(bench.report(facts), flush=True)
     if code:
         return code

@@ -64,6 +64,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="staging area for writes; failed uploads kept in DIR/lost+found",
     )
     m.add_argument("--metadata-ttl", type=float, default=1.0, metavar="SECONDS")
+    m.add_argument(
+        "--read-ahead-kib",
+        type=int,
+        default=None,
+        metavar="KIB",
+        help="kernel read-ahead of the mount (default 1024; 0 keeps the kernel's 128 KiB)",
+    )
     m.add_argument("--uid", type=int, default=os.getuid(), metavar="N")
     m.add_argument("--gid", type=int, default=os.getgid(), metavar="N")
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
@@ -77,6 +84,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     m.add_argument(
         "--log-file", metavar="FILE", help="worker log (default: SPILL_DIR/logs/<mountpoint>.log)"
+    )
+    m.add_argument(
+        "--fs-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a filesystem setting by name, e.g. readahead_budget=33554432 (repeatable; "
+        "for tuning and benchmarks, see bench/README.md)",
     )
     m.add_argument("--debug", action="store_true", help="verbose logging")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -176,6 +191,10 @@ def _spawn_worker(args: argparse.Namespace) -> int:
         "--store-timeout",
         str(args.store_timeout),
     ]
+    if args.read_ahead_kib is not None:
+        cmd += ["--read-ahead-kib", str(args.read_ahead_kib)]
+    for option in args.fs_option:
+        cmd.append(f"--fs-option={option}")
     for flag in ("read_only", "allow_other", "debug"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -254,9 +273,26 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.debug else logging.INFO)
 
 
+# FSConfig settings that have a flag of their own.
+_OWN_FLAGS = frozenset({"read_only", "max_file_size", "spill_dir", "metadata_ttl", "uid", "gid"})
+
+
+def _fs_options(items: list[str]) -> dict[str, str]:
+    """`--fs-option NAME=VALUE` pairs; FSConfig validates names and converts values."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--fs-option {item!r}: expected NAME=VALUE")
+        if name not in FSConfig.model_fields or name in _OWN_FLAGS:
+            raise ValueError(f"--fs-option {item!r}: no setting {name!r} (or it has a flag)")
+        out[name] = value
+    return out
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from poolfs.fs.core import PoolFS
-    from poolfs.fs.fuse_ops import serve
+    from poolfs.fs.fuse_ops import DEFAULT_READ_AHEAD_KIB, serve
 
     _setup_logging(args)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -271,13 +307,16 @@ def _run_worker(args: argparse.Namespace) -> int:
             ready_fd = None
 
     try:
-        config = FSConfig(
-            read_only=args.read_only,
-            max_file_size=args.max_file_size,
-            spill_dir=args.spill_dir,
-            metadata_ttl=args.metadata_ttl,
-            uid=args.uid,
-            gid=args.gid,
+        config = FSConfig.model_validate(
+            {
+                **_fs_options(args.fs_option),
+                "read_only": args.read_only,
+                "max_file_size": args.max_file_size,
+                "spill_dir": args.spill_dir,
+                "metadata_ttl": args.metadata_ttl,
+                "uid": args.uid,
+                "gid": args.gid,
+            }
         )
         options = StoreOptions(endpoint_url=args.endpoint_url, timeout=args.store_timeout)
         store = open_store(args.pool_url, options)
@@ -286,8 +325,8 @@ def _run_worker(args: argparse.Namespace) -> int:
             store.check()
         except StoreError as exc:
             raise MountError(f"store {args.pool_url} unreachable: {exc}") from exc
-        if shutil.which("fusermount") is None:
-            raise MountError("fusermount not found: install fuse3 and libfuse2")
+        if shutil.which("fusermount3") is None:
+            raise MountError("fusermount3 not found: install fuse3 and libfuse3-3")
         fs = PoolFS(store, config)
     except (InvalidStoreURL, MountError, ValueError, OSError) as exc:
         log.error("mount failed: %s", exc)
@@ -326,6 +365,10 @@ def _run_worker(args: argparse.Namespace) -> int:
             on_ready=ready,
             on_destroy=destroyed,
             debug=args.debug,
+            read_ahead_kib=(
+                DEFAULT_READ_AHEAD_KIB if args.read_ahead_kib is None else args.read_ahead_kib
+            )
+            or None,
         )
     except RuntimeError as exc:
         report(f"error: FUSE mount on {mountpoint} failed ({exc}); see {args.log_file or 'log'}")

@@ -1,7 +1,8 @@
 """The one place store errors become errno values.
 
-The core raises `PoolFSError(errno)`; the fusepy adapter turns it into `FuseOSError`. Every
-store error kind maps through `ERRNO_FOR` (one test per row in tests/test_core_errors.py).
+The core raises `PoolFSError(errno)`; the FUSE adapter (fuse_ops.py) turns it into
+`FuseOSError`. Every store error kind maps through `ERRNO_FOR` (one test per row in
+tests/test_core_errors.py).
 An unexpected exception is logged once with operation, path and key, then chained as EIO.
 """
 

@@ -1,40 +1,90 @@
-"""The fusepy adapter: the only module that imports fuse.
+"""The FUSE adapter (mfusepy on libfuse3): the only module that imports a fuse binding.
 
-It links fusepy's path-based Operations to `PoolFS` and turns `PoolFSError` into
+It links mfusepy's path-based Operations to `PoolFS` and turns `PoolFSError` into
 `FuseOSError`. Anything else escaping the core is logged once with the operation and path and
-answered with EIO (never fusepy's default EINVAL).
+answered with EIO (never the binding's default EINVAL). mfusepy ignores `Operations.__call__`,
+so every operation carries the `_errors` decorator; a new operation without it would answer
+EINVAL for an unexpected exception: keep the decorator on each one.
 
-Mount options and why:
-- `atomic_o_trunc`: O_TRUNC arrives with open(), so truncating an existing file does not first
-  store an empty object that readers could see.
+Why mfusepy on libfuse3 and not fusepy on libfuse2 (numbers in bench/README.md): libfuse2 caps
+every read and write request at 128 KiB, libfuse3 takes 1 MiB, so a sequential read with a
+large kernel read-ahead costs an eighth of the trips through ctypes and the core.
+
+Settings and why (the mount options are in `serve`, the connection and library settings in
+`init_with_config`, where libfuse3 takes them):
+- atomic O_TRUNC (FUSE_CAP_ATOMIC_O_TRUNC): O_TRUNC arrives with open(), so truncating an
+  existing file does not first store an empty object that readers could see.
 - `default_permissions`: the kernel enforces the mode bits we report.
-- `big_writes`, `max_write`/`max_read` 128 KiB: the largest requests libfuse2 allows.
+- max_write 1 MiB (libfuse3's largest buffer); reads are as large as the kernel asks, up to
+  the same 1 MiB.
+- kernel read-ahead (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`) raised from 128 KiB to
+  DEFAULT_READ_AHEAD_KIB: the kernel sizes buffered sequential reads by it, so without it even
+  libfuse3 gets 128 KiB read requests. It is set at the first request after INIT, not in init:
+  the kernel caps it at the INIT reply's max_readahead (128 KiB) when that reply arrives, and it
+  sends nothing else before. Needs root; otherwise the default stays and the mount works.
 - attr/entry timeouts = metadata_ttl: the kernel caches what our own cache would answer anyway.
 - `use_ino` with inode numbers derived from the path: the kernel forgets a FUSE inode as soon
-  as its dentry is unused past entry_timeout, and libfuse2 then numbers the next lookup anew.
+  as its dentry is unused past entry_timeout, and libfuse then numbers the next lookup anew.
   Tools that compare st_ino over time (GNU cp/mv "replaced while being copied", tar, find)
   need the number to stay put; a rename gives a new number.
+- renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE): the core cannot do them atomically, so
+  they answer EINVAL, as on libfuse2 (which never passed them on); `mv` then falls back to a
+  plain rename.
+- utimensat: with `use_ns` the times arrive as integer nanoseconds and UTIME_OMIT / UTIME_NOW
+  as tv_nsec (1 << 30) - 2 / (1 << 30) - 1 with tv_sec 0; the core honours both.
+- Worker threads: libfuse3's default of at most 10. libfuse 3.14.0 prints "Ignoring invalid
+  max threads value 4294967295" at start (its compat fuse_main leaves the field unset); the
+  message is harmless and `-o max_threads` does not reach that code.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes.util
 import errno
+import functools
 import hashlib
 import logging
+import os
+import re
+import stat
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
-import fuse
+# mfusepy loads libfuse.so.2 when both libraries are installed; it reads its choice from the
+# environment at import time, so name libfuse3 before importing it (an explicit
+# FUSE_LIBRARY_PATH set by the operator still wins).
+if not os.environ.get("FUSE_LIBRARY_PATH"):
+    _LIBFUSE3 = ctypes.util.find_library("fuse3")
+    if _LIBFUSE3 is None:
+        raise ImportError("libfuse3 not found: install the Debian packages fuse3 and libfuse3-3")
+    os.environ["FUSE_LIBRARY_PATH"] = _LIBFUSE3
+
+import mfusepy as fuse
 
 from poolfs.fs.core import PoolFS
 from poolfs.fs.errors import PoolFSError
-from poolfs.fs.meta import Node
+from poolfs.fs.meta import Node, join, parent_path
+
+if fuse.fuse_version_major != 3:
+    raise ImportError(
+        f"mfusepy loaded libfuse {fuse.fuse_version_major}.{fuse.fuse_version_minor}; "
+        "poolfs needs libfuse3 (FUSE_LIBRARY_PATH names another library?)"
+    )
 
 log = logging.getLogger("poolfs.fuse")
 
+MiB = 1024 * 1024
+# fuse_common.h: the kernel honours O_TRUNC in open() instead of a separate truncate.
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
+# The largest request libfuse3's buffers take (FUSE_MAX_MAX_PAGES pages).
+MAX_REQUEST = MiB
+# Kernel read-ahead of a mount, KiB (bench/README.md: 1 MiB beat 128 KiB and 4 MiB).
+DEFAULT_READ_AHEAD_KIB = 1024
+
 # Paths are bytes in the kernel; names that are not UTF-8 must reach the core intact (it answers
-# EILSEQ for them) rather than fail inside fusepy's decode.
+# EILSEQ for them) rather than fail inside mfusepy's decode.
 _CODEC = "poolfs_utf8"
 
 
@@ -67,27 +117,46 @@ def _fh(fi: Any) -> int | None:
     return int(fi.fh)
 
 
-class FuseOps(fuse.Operations):  # type: ignore[misc]
-    use_ns = True
-    # fusepy copies this into fuse_operations: without it libfuse2 silently drops a SETATTR
-    # that sets only atime or only mtime (touch -a / touch -m), instead of passing UTIME_OMIT.
-    flag_utime_omit_ok = 1
+def _mount_device(mountpoint: str) -> str | None:
+    """MAJ:MIN of the topmost mount at `mountpoint`, from /proc/self/mountinfo.
 
-    def __init__(
-        self,
-        fs: PoolFS,
-        on_ready: Callable[[], None] | None = None,
-        on_destroy: Callable[[list[str]], None] | None = None,
-    ) -> None:
-        self.fs = fs
-        self._on_ready = on_ready
-        self._on_destroy = on_destroy
-        self._uid = fs.config.uid
-        self._gid = fs.config.gid
+    Not os.stat(): the caller is the daemon serving that mount, inside one of its requests.
+    """
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if target == mountpoint:
+                found = fields[2]
+    return found
 
-    def __call__(self, op: str, *args: Any) -> Any:
+
+def set_kernel_read_ahead(mountpoint: str, kib: int) -> None:
+    """Set the read-ahead of the mount's backing device; log, never raise, if we cannot."""
+    try:
+        dev = _mount_device(mountpoint)
+        if dev is None:
+            log.warning("kernel read-ahead unchanged: %s not in mountinfo", mountpoint)
+            return
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        # Not root: the mount works, sequential reads get 128 KiB requests.
+        log.info("kernel read-ahead of %s stays at the default: %s", mountpoint, exc)
+
+
+_Op = TypeVar("_Op", bound=Callable[..., Any])
+
+
+def _errors(method: _Op) -> _Op:
+    """PoolFSError -> its errno; anything unexpected is logged once and answered with EIO."""
+    op = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: FuseOps, *args: Any) -> Any:
         try:
-            return getattr(self, op)(*args)
+            return method(self, *args)
         except PoolFSError as exc:
             raise fuse.FuseOSError(exc.errno) from exc
         except fuse.FuseOSError:
@@ -97,13 +166,64 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
             log.error("unexpected error in %s %r", op, path, exc_info=exc)
             raise fuse.FuseOSError(errno.EIO) from exc
 
+    return cast(_Op, wrapper)
+
+
+class FuseOps(fuse.Operations):  # type: ignore[misc]
+    use_ns = True
+
+    def __init__(
+        self,
+        fs: PoolFS,
+        on_ready: Callable[[], None] | None = None,
+        on_destroy: Callable[[list[str]], None] | None = None,
+        *,
+        mountpoint: str | None = None,
+        read_ahead_kib: int | None = None,
+    ) -> None:
+        self.fs = fs
+        self._mountpoint = mountpoint
+        self._read_ahead_kib = read_ahead_kib
+        self._read_ahead_lock = threading.Lock()
+        self._on_ready = on_ready
+        self._on_destroy = on_destroy
+        self._uid = fs.config.uid
+        self._gid = fs.config.gid
+        self.destroyed = False
+
     # --- lifecycle ---------------------------------------------------------------------
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        # Called once the kernel's INIT arrives, i.e. the mount is live. It must not raise:
+        # mfusepy would end the process without unmounting.
+        try:
+            ttl = self.fs.config.metadata_ttl
+            if config is not None:
+                config.use_ino = 1
+                config.attr_timeout = ttl
+                config.entry_timeout = ttl
+                config.negative_timeout = 0.0
+            if conn is not None:
+                conn.max_write = MAX_REQUEST
+                if conn.capable & FUSE_CAP_ATOMIC_O_TRUNC:
+                    conn.want |= FUSE_CAP_ATOMIC_O_TRUNC
+        except Exception:
+            log.exception("FUSE init settings failed")
         if self._on_ready is not None:
             self._on_ready()
 
+    def _after_init(self) -> None:
+        """Settings the kernel only keeps once it has processed our INIT reply."""
+        if self._read_ahead_kib is None:
+            return
+        with self._read_ahead_lock:
+            kib, self._read_ahead_kib = self._read_ahead_kib, None
+        if kib is not None and self._mountpoint is not None:
+            set_kernel_read_ahead(self._mountpoint, kib)
+
+    @_errors
     def destroy(self, path: str) -> None:
+        self.destroyed = True
         failed = self.fs.shutdown()
         if self._on_destroy is not None:
             self._on_destroy(failed)
@@ -122,80 +242,141 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
             "st_mtime": node.mtime_ns,
             "st_ctime": node.ctime_ns,
             "st_blocks": (node.size + 511) // 512,
-            "st_blksize": 128 * 1024,
+            "st_blksize": MAX_REQUEST,
         }
 
+    @_errors
     def getattr(self, path: str, fi: Any = None) -> dict[str, int]:
+        self._after_init()
         return self._stat(path, self.fs.getattr(path, _fh(fi)))
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *(name for name, _ in self.fs.readdir(path))]
+    @_errors
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        self._after_init()
+        # Each entry carries its inode number and type: mfusepy fills a zeroed stat for bare
+        # names, and with use_ino an entry with inode 0 is one glibc's readdir skips.
+        entries = [
+            (".", {"st_ino": inode_number(path), "st_mode": stat.S_IFDIR}, 0),
+            ("..", {"st_ino": inode_number(parent_path(path)), "st_mode": stat.S_IFDIR}, 0),
+        ]
+        for name, node in self.fs.readdir(path):
+            attrs = {"st_ino": inode_number(join(path, name)), "st_mode": node.st_mode()}
+            entries.append((name, attrs, 0))
+        return entries
 
+    @_errors
     def statfs(self, path: str) -> dict[str, int]:
+        self._after_init()
         return self.fs.statfs()
 
+    @_errors
     def chmod(self, path: str, mode: int) -> None:
         self.fs.chmod(path, mode)
 
+    @_errors
     def chown(self, path: str, uid: int, gid: int) -> None:
         self.fs.chown(path, uid, gid)
 
+    @_errors
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
         self.fs.utimens(path, times)
 
+    @_errors
     def truncate(self, path: str, length: int, fi: Any = None) -> None:
         self.fs.truncate(path, length, _fh(fi))
 
     # --- namespace ---------------------------------------------------------------------
 
+    @_errors
     def mkdir(self, path: str, mode: int) -> None:
         self.fs.mkdir(path, mode)
 
+    @_errors
     def rmdir(self, path: str) -> None:
         self.fs.rmdir(path)
 
+    @_errors
     def unlink(self, path: str) -> None:
         self.fs.unlink(path)
 
-    def rename(self, old: str, new: str) -> None:
+    @_errors
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if flags:
+            raise fuse.FuseOSError(errno.EINVAL)
         self.fs.rename(old, new)
 
+    @_errors
     def symlink(self, target: str, source: str) -> None:
         self.fs.unsupported("symlink")
 
+    @_errors
     def link(self, target: str, source: str) -> None:
         self.fs.unsupported("link")
 
+    @_errors
     def mknod(self, path: str, mode: int, dev: int) -> None:
         self.fs.unsupported("mknod")
 
+    @_errors
     def readlink(self, path: str) -> str:
         raise fuse.FuseOSError(errno.EINVAL)
 
     # --- file I/O ------------------------------------------------------------------------
 
+    @_errors
     def create(self, path: str, mode: int, fi: Any) -> int:
         fi.fh = self.fs.create(path, mode, fi.flags)
         return 0
 
+    @_errors
     def open(self, path: str, fi: Any) -> int:
+        self._after_init()
         fi.fh = self.fs.open(path, fi.flags)
         return 0
 
+    @_errors
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
         return self.fs.read(int(fi.fh), offset, size)
 
+    @_errors
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         return self.fs.write(int(fi.fh), offset, data)
 
+    @_errors
     def flush(self, path: str | None, fi: Any) -> None:
         self.fs.flush(int(fi.fh))
 
+    @_errors
     def fsync(self, path: str | None, datasync: int, fi: Any) -> None:
         self.fs.fsync(int(fi.fh))
 
+    @_errors
     def release(self, path: str | None, fi: Any) -> None:
         self.fs.release(int(fi.fh))
+
+
+class _FUSE(fuse.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with the two libfuse3 arguments it drops passed on.
+
+    mfusepy 3.x calls `truncate(path, length)` without the file handle and `rename(old, new)`
+    without the renameat2 flags; the core needs the handle (ftruncate of an open file) and the
+    adapter must see the flags to refuse them rather than silently replace a target.
+    """
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        fi = fip.contents if fip else None
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        return cast(int, self.operations.truncate(name, length, fi))
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return cast(
+            int,
+            self.operations.rename(
+                old.decode(self.encoding, self.errors),
+                new.decode(self.encoding, self.errors),
+                flags,
+            ),
+        )
 
 
 def serve(
@@ -207,28 +388,31 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     on_destroy: Callable[[list[str]], None] | None = None,
     debug: bool = False,
+    read_ahead_kib: int | None = DEFAULT_READ_AHEAD_KIB,
 ) -> None:
-    """Mount and run the FUSE loop in this thread until unmounted or SIGTERM/SIGINT."""
-    ttl = fs.config.metadata_ttl
+    """Mount and run the FUSE loop in this thread until unmounted or SIGTERM/SIGINT.
+
+    `read_ahead_kib`: the kernel read-ahead of the mount (None: the kernel's 128 KiB).
+    """
     options: dict[str, Any] = {
         "foreground": True,
         "nothreads": False,
         "debug": debug,
         "fsname": fsname.replace(",", "%2C").replace(" ", "%20"),
         "subtype": "poolfs",
-        "use_ino": True,
         "default_permissions": True,
-        "atomic_o_trunc": True,
-        "big_writes": True,
-        "max_read": 131072,
-        "max_write": 131072,
-        "attr_timeout": ttl,
-        "entry_timeout": ttl,
-        "negative_timeout": 0,
     }
     if fs.config.read_only:
         options["ro"] = True
     if allow_other:
         options["allow_other"] = True
-    ops = FuseOps(fs, on_ready, on_destroy)
-    fuse.FUSE(ops, mountpoint, raw_fi=True, encoding=_CODEC, **options)
+    ops = FuseOps(fs, on_ready, on_destroy, mountpoint=mountpoint, read_ahead_kib=read_ahead_kib)
+    try:
+        _FUSE(ops, mountpoint, raw_fi=True, encoding=_CODEC, **options)
+    except RuntimeError as exc:
+        # libfuse3's fuse_main answers 8 whenever its loop ended with an error, and its signal
+        # handler records SIGTERM/SIGINT/SIGHUP as the session's error (libfuse2 answered 0).
+        # Once destroy has run, the mount was live and ended with everything flushed.
+        if not ops.destroyed:
+            raise
+        log.info("FUSE loop ended (libfuse code %s: a termination signal)", exc)
