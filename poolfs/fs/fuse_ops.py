@@ -30,9 +30,10 @@ Settings and why (the mount options are in `serve`, the connection and library s
 - READDIRPLUS with attributes: a listing is taken once per opendir and sent page by page with
   each entry's attributes, so `ls -l` needs no LOOKUP per entry (10,000 entries on SeaweedFS:
   1.6-1.9 s -> 1.2-1.4 s). libfuse keeps one node per name it was given.
-- renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE): the core cannot do them atomically, so
-  they answer EINVAL, as on libfuse2 (which never passed them on); `mv` then falls back to a
-  plain rename.
+- renameat2 flags: RENAME_NOREPLACE is a rename after checking the target is absent (the
+  kernel holds both directories locked, so no local create can slip in; other nodes can, as
+  with any check on a blob store). RENAME_EXCHANGE and RENAME_WHITEOUT cannot be done on a
+  blob store and answer EINVAL, as on libfuse2 (which never passed flags on).
 - utimensat: with `use_ns` the times arrive as integer nanoseconds and UTIME_OMIT / UTIME_NOW
   as tv_nsec (1 << 30) - 2 / (1 << 30) - 1 with tv_sec 0; the core honours both.
 - Worker threads: libfuse3's default of at most 10. libfuse 3.14.0 prints "Ignoring invalid
@@ -82,6 +83,8 @@ log = logging.getLogger("poolfs.fuse")
 MiB = 1024 * 1024
 # fuse_common.h: the kernel honours O_TRUNC in open() instead of a separate truncate.
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
+# linux/fs.h renameat2 flags.
+RENAME_NOREPLACE = 1 << 0
 # fuse.h: the kernel asks for attributes with the entries; we give them.
 FUSE_READDIR_PLUS = 1 << 0
 FUSE_FILL_DIR_PLUS = 1 << 1
@@ -353,8 +356,16 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if flags:
+        if flags & ~RENAME_NOREPLACE:
             raise fuse.FuseOSError(errno.EINVAL)
+        if flags & RENAME_NOREPLACE:
+            try:
+                self.fs.getattr(new)
+            except PoolFSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise fuse.FuseOSError(errno.EEXIST)
         self.fs.rename(old, new)
 
     @_errors
