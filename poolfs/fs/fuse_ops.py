@@ -27,9 +27,13 @@ Settings and why (the mount options are in `serve`, the connection and library s
   as its dentry is unused past entry_timeout, and libfuse then numbers the next lookup anew.
   Tools that compare st_ino over time (GNU cp/mv "replaced while being copied", tar, find)
   need the number to stay put; a rename gives a new number.
-- renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE): the core cannot do them atomically, so
-  they answer EINVAL, as on libfuse2 (which never passed them on); `mv` then falls back to a
-  plain rename.
+- READDIRPLUS with attributes: a listing is taken once per opendir and sent page by page with
+  each entry's attributes, so `ls -l` needs no LOOKUP per entry (10,000 entries on SeaweedFS:
+  1.6-1.9 s -> 1.2-1.4 s). libfuse keeps one node per name it was given.
+- renameat2 flags: RENAME_NOREPLACE is a rename after checking the target is absent (the
+  kernel holds both directories locked, so no local create can slip in; other nodes can, as
+  with any check on a blob store). RENAME_EXCHANGE and RENAME_WHITEOUT cannot be done on a
+  blob store and answer EINVAL, as on libfuse2 (which never passed flags on).
 - utimensat: with `use_ns` the times arrive as integer nanoseconds and UTIME_OMIT / UTIME_NOW
   as tv_nsec (1 << 30) - 2 / (1 << 30) - 1 with tv_sec 0; the core honours both.
 - Worker threads: libfuse3's default of at most 10. libfuse 3.14.0 prints "Ignoring invalid
@@ -40,6 +44,7 @@ Settings and why (the mount options are in `serve`, the connection and library s
 from __future__ import annotations
 
 import codecs
+import ctypes
 import ctypes.util
 import errno
 import functools
@@ -78,6 +83,11 @@ log = logging.getLogger("poolfs.fuse")
 MiB = 1024 * 1024
 # fuse_common.h: the kernel honours O_TRUNC in open() instead of a separate truncate.
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
+# linux/fs.h renameat2 flags.
+RENAME_NOREPLACE = 1 << 0
+# fuse.h: the kernel asks for attributes with the entries; we give them.
+FUSE_READDIR_PLUS = 1 << 0
+FUSE_FILL_DIR_PLUS = 1 << 1
 # The largest request libfuse3's buffers take (FUSE_MAX_MAX_PAGES pages).
 MAX_REQUEST = MiB
 # Kernel read-ahead of a mount, KiB (bench/README.md: 1 MiB beat 128 KiB and 4 MiB).
@@ -190,6 +200,9 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         self._uid = fs.config.uid
         self._gid = fs.config.gid
         self.destroyed = False
+        self._dirs: dict[int, list[tuple[str, str, Node | None]] | None] = {}
+        self._dirs_lock = threading.Lock()
+        self._next_dir = 1
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -250,19 +263,61 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         self._after_init()
         return self._stat(path, self.fs.getattr(path, _fh(fi)))
 
+    def _listing(self, path: str) -> list[tuple[str, str, Node | None]]:
+        """(name, path, node) of every entry; node None for . and .. (type and inode only)."""
+        entries: list[tuple[str, str, Node | None]] = [
+            (".", path, None),
+            ("..", parent_path(path), None),
+        ]
+        entries.extend((name, join(path, name), node) for name, node in self.fs.readdir(path))
+        return entries
+
+    def entry_attrs(self, entry: tuple[str, str, Node | None]) -> dict[str, int]:
+        _, path, node = entry
+        if node is None:
+            return {"st_ino": inode_number(path), "st_mode": stat.S_IFDIR}
+        return self._stat(path, node)
+
+    @_errors
+    def opendir(self, path: str) -> int:
+        # A listing is taken at the first readdir of an open directory (offset 0, also after a
+        # rewinddir) and served page by page from here: with offsets, the kernel asks for one
+        # 4 KiB page of entries per request. Listing errors surface in readdir, as before.
+        self._after_init()
+        with self._dirs_lock:
+            fh = self._next_dir
+            self._next_dir += 1
+            self._dirs[fh] = None
+        return fh
+
+    @_errors
+    def dir_entries(
+        self, path: str | None, fh: int, offset: int = 0
+    ) -> list[tuple[str, str, Node | None]]:
+        with self._dirs_lock:
+            if fh not in self._dirs:
+                raise fuse.FuseOSError(errno.EBADF)
+            entries = self._dirs[fh]
+        if entries is None or offset == 0:
+            if path is None:
+                raise fuse.FuseOSError(errno.EBADF)
+            entries = self._listing(path)
+            with self._dirs_lock:
+                if fh in self._dirs:
+                    self._dirs[fh] = entries
+        return entries
+
+    @_errors
+    def releasedir(self, path: str | None, fh: int) -> None:
+        with self._dirs_lock:
+            self._dirs.pop(fh, None)
+
     @_errors
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        self._after_init()
-        # Each entry carries its inode number and type: mfusepy fills a zeroed stat for bare
-        # names, and with use_ino an entry with inode 0 is one glibc's readdir skips.
-        entries = [
-            (".", {"st_ino": inode_number(path), "st_mode": stat.S_IFDIR}, 0),
-            ("..", {"st_ino": inode_number(parent_path(path)), "st_mode": stat.S_IFDIR}, 0),
-        ]
-        for name, node in self.fs.readdir(path):
-            attrs = {"st_ino": inode_number(join(path, name)), "st_mode": node.st_mode()}
-            entries.append((name, attrs, 0))
-        return entries
+        # mfusepy's own readdir path (unused: `_FUSE.readdir_fuse_3` replaces it). Each entry
+        # carries its inode number and type: for bare names mfusepy fills a zeroed stat, and
+        # with use_ino an entry with inode 0 is one glibc's readdir skips.
+        return [(e[0], self.entry_attrs(e), 0) for e in self.dir_entries(path, fh)]
 
     @_errors
     def statfs(self, path: str) -> dict[str, int]:
@@ -301,8 +356,16 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if flags:
+        if flags & ~RENAME_NOREPLACE:
             raise fuse.FuseOSError(errno.EINVAL)
+        if flags & RENAME_NOREPLACE:
+            try:
+                self.fs.getattr(new)
+            except PoolFSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise fuse.FuseOSError(errno.EEXIST)
         self.fs.rename(old, new)
 
     @_errors
@@ -356,12 +419,41 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 
 
 class _FUSE(fuse.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with the two libfuse3 arguments it drops passed on.
+    """mfusepy's FUSE with what it leaves out on libfuse3.
 
     mfusepy 3.x calls `truncate(path, length)` without the file handle and `rename(old, new)`
     without the renameat2 flags; the core needs the handle (ftruncate of an open file) and the
-    adapter must see the flags to refuse them rather than silently replace a target.
+    adapter must see the flags to refuse them rather than silently replace a target. And it
+    never answers READDIRPLUS with attributes, so `ls -l` of a directory costs one LOOKUP
+    round trip per entry although the listing already knows every attribute.
     """
+
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
+        # Entries go out with offsets (index + 1), so libfuse writes them straight into the
+        # kernel's page instead of buffering the whole directory, and for READDIRPLUS with
+        # FUSE_FILL_DIR_PLUS it registers each entry (do_lookup) and sends its attributes:
+        # `ls -l` then needs no LOOKUP per entry. (libfuse answers a whole-directory,
+        # offset-0 listing with inode 0 for PLUS entries, which the kernel ignores.)
+        ops = self.operations
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        entries = ops.dir_entries(name, fip.contents.fh, offset)
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        st = fuse.c_stat()
+        for index in range(offset, len(entries)):
+            entry = entries[index]
+            attrs = ops.entry_attrs(entry)
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            full = plus and entry[2] is not None
+            if full:
+                fuse.set_st_attrs(st, attrs, use_ns=True)
+            else:
+                st.st_mode, st.st_ino = attrs["st_mode"], attrs["st_ino"]
+            fill = FUSE_FILL_DIR_PLUS if full else 0
+            if filler(buf, entry[0].encode(self.encoding, self.errors), st, index + 1, fill):
+                break
+        return 0
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fi = fip.contents if fip else None
