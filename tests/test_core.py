@@ -295,6 +295,23 @@ def test_bad_keys_skipped_and_shadowed_object(
     pfs.shutdown()
 
 
+@pytest.mark.expect_log
+def test_directory_of_only_unusable_keys_is_empty_not_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemStore("unusable")
+    store.put_bytes("d//b", b"1", {})
+    store.put_bytes("e/../x", b"1", {})
+    pfs = make_fs(store, tmp_path)
+    assert [n for n, _ in pfs.readdir("/")] == ["d", "e"]
+    # Listed by its parent, so it exists: an empty directory, not ENOENT.
+    assert pfs.readdir("/d") == []
+    assert pfs.readdir("/e") == []
+    assert pfs.getattr("/d").is_dir
+    assert any("'d//'" in r.getMessage() for r in caplog.records)
+    pfs.shutdown()
+
+
 def test_name_too_long(fs: PoolFS) -> None:
     assert errno_of(fs.create, "/" + "n" * 256, 0o644) == errno.ENAMETOOLONG
     write_file(fs, "/" + "n" * 255, b"ok")

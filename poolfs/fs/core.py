@@ -390,14 +390,14 @@ class PoolFS:
             started = self._seq
         files: dict[str, ObjectInfo] = {}
         dirs: set[str] = set()
-        has_marker = False
+        # Any key below the prefix, usable as a name or not, means the directory exists.
+        seen_any = False
         try:
             for page in self.store.list_pages(prefix, "/"):
+                seen_any = seen_any or bool(page.objects or page.prefixes)
                 for info in page.objects:
                     name = info.key[len(prefix) :]
-                    if name == "":
-                        has_marker = True
-                    elif self._usable(name, info.key):
+                    if name != "" and self._usable(name, info.key):
                         files[name] = info
                 for sub in page.prefixes:
                     name = sub[len(prefix) : -1]
@@ -405,7 +405,7 @@ class PoolFS:
                         dirs.add(name)
         except StoreError as exc:
             raise from_store(exc, "readdir", path) from exc
-        if path != "/" and not (has_marker or files or dirs):
+        if path != "/" and not seen_any:
             with self._lock:
                 known = self._nodes.get(path)
             if known is None or known[0] is None or not known[0].marker:
