@@ -24,13 +24,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Mapping
 
+from poolfs import workerproc
 from poolfs.mounts import (
     find_mount,
     mounts,
@@ -39,6 +39,7 @@ from poolfs.mounts import (
     read_worker_state,
     worker_state_path,
 )
+from poolfs.workerproc import READY, WorkerSpec, last_log_line
 
 __all__ = [
     "StopResult",
@@ -54,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-READY = "ready"
 # Exit code of `poolfs mount --foreground` when pending uploads failed at unmount.
 EXIT_UPLOADS_FAILED = 2
 _MAX_ERROR_LINES = 20
@@ -152,15 +152,6 @@ def log_errors(path: str, offset: int = 0) -> tuple[str, ...]:
     return tuple(lines[-_MAX_ERROR_LINES:])
 
 
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as file:
-            lines = [ln.strip() for ln in file if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no output"
-
-
 class Worker:
     """One running mount worker; see the module docstring."""
 
@@ -181,39 +172,21 @@ class Worker:
         return self.process.pid
 
     @staticmethod
-    def command(
-        config: WorkerConfig, pool_url: str, mountpoint: str, read_only: bool, ready_fd: int
-    ) -> list[str]:
-        cmd = [
-            config.python,
-            "-m",
-            "poolfs",
-            "mount",
-            pool_url,
-            mountpoint,
-            "--foreground",
-            "--ready-fd",
-            str(ready_fd),
-            "--spill-dir",
-            config.spill_dir,
-            "--max-file-size",
-            str(config.max_file_size),
-            "--metadata-ttl",
-            str(config.metadata_ttl),
-            "--uid",
-            str(config.uid),
-            "--gid",
-            str(config.gid),
-            "--store-timeout",
-            str(config.store_timeout),
-        ]
-        if read_only:
-            cmd.append("--read-only")
-        if config.allow_other:
-            cmd.append("--allow-other")
-        if config.endpoint_url:
-            cmd += ["--endpoint-url", config.endpoint_url]
-        return cmd
+    def spec(config: WorkerConfig, pool_url: str, mountpoint: str, read_only: bool) -> WorkerSpec:
+        return WorkerSpec(
+            pool_url=pool_url,
+            mountpoint=mountpoint,
+            spill_dir=config.spill_dir,
+            max_file_size=config.max_file_size,
+            metadata_ttl=config.metadata_ttl,
+            uid=config.uid,
+            gid=config.gid,
+            store_timeout=config.store_timeout,
+            read_only=read_only,
+            allow_other=config.allow_other,
+            endpoint_url=config.endpoint_url,
+            python=config.python,
+        )
 
     @classmethod
     def start(
@@ -226,34 +199,14 @@ class Worker:
         log_file: str,
     ) -> Worker:
         """Start a worker and wait until its mount is live; WorkerStartError otherwise."""
-        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
-        read_fd, write_fd = os.pipe()
+        spec = cls.spec(config, pool_url, mountpoint, read_only)
         try:
-            cmd = cls.command(config, pool_url, mountpoint, read_only, write_fd)
-            cmd += ["--log-file", log_file]
-            with open(log_file, "ab") as log_out:
-                offset = log_out.tell()
-                try:
-                    process = subprocess.Popen(
-                        cmd,
-                        pass_fds=(write_fd,),
-                        start_new_session=True,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_out,
-                        stderr=log_out,
-                        env=dict(config.env),
-                        close_fds=True,
-                    )
-                except OSError as exc:
-                    raise WorkerStartError(f"cannot start the mount worker: {exc}") from exc
-        finally:
-            # Only the child keeps the write end: EOF then means the worker is gone.
-            os.close(write_fd)
-        worker = cls(process, mountpoint, log_file, offset)
-        try:
-            line = worker._wait_ready(read_fd, config.ready_timeout)
-        finally:
-            os.close(read_fd)
+            started = workerproc.start(spec, log_file, config.env)
+        except OSError as exc:
+            raise WorkerStartError(f"cannot start the mount worker: {exc}") from exc
+        process = started.process
+        worker = cls(process, mountpoint, log_file, started.log_offset)
+        line = workerproc.wait_ready(started, config.ready_timeout)
         if line == READY:
             return worker
         worker.kill()
@@ -267,24 +220,8 @@ class Worker:
         code = process.returncode
         raise WorkerStartError(
             f"mount worker exited ({describe_exit(code if code is not None else 0)}): "
-            f"{_last_line(log_file)}"
+            f"{last_log_line(log_file)}"
         )
-
-    def _wait_ready(self, read_fd: int, timeout: float) -> str | None:
-        """The worker's first line ("" at EOF without one); None on timeout."""
-        deadline = time.monotonic() + timeout
-        message = b""
-        while b"\n" not in message:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(read_fd, 4096)
-                if not chunk:
-                    break
-                message += chunk
-        return message.decode("utf-8", "replace").strip()
 
     def _exited(self) -> bool:
         """Whether the worker has exited, WITHOUT reaping it: until it is reaped its

@@ -12,13 +12,13 @@ import argparse
 import contextlib
 import logging
 import os
-import select
 import shutil
 import subprocess
 import sys
 import time
 from typing import Any
 
+from poolfs import workerproc
 from poolfs.fs.config import DEFAULT_MAX_FILE_SIZE, FSConfig
 from poolfs.mounts import (
     find_mount,
@@ -29,10 +29,9 @@ from poolfs.mounts import (
     write_worker_state,
 )
 from poolfs.stores import InvalidStoreURL, StoreError, StoreOptions, open_store
+from poolfs.workerproc import READY, WorkerSpec, last_log_line
 
 log = logging.getLogger("poolfs.mount")
-
-READY = "ready"
 
 
 class MountError(Exception):
@@ -164,95 +163,49 @@ def _spawn_worker(args: argparse.Namespace) -> int:
     except (InvalidStoreURL, MountError) as exc:
         return _fail(str(exc))
     log_file = _log_file(args, mountpoint)
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    cmd = [
-        sys.executable,
-        "-m",
-        "poolfs",
-        "mount",
-        args.pool_url,
-        mountpoint,
-        "--foreground",
-        "--ready-fd",
-        str(write_fd),
-        "--log-file",
-        log_file,
-        "--max-file-size",
-        str(args.max_file_size),
-        "--spill-dir",
-        args.spill_dir,
-        "--metadata-ttl",
-        str(args.metadata_ttl),
-        "--uid",
-        str(args.uid),
-        "--gid",
-        str(args.gid),
-        "--store-timeout",
-        str(args.store_timeout),
-    ]
+    extra = [f"--fs-option={option}" for option in args.fs_option]
     if args.read_ahead_kib is not None:
-        cmd += ["--read-ahead-kib", str(args.read_ahead_kib)]
-    for option in args.fs_option:
-        cmd.append(f"--fs-option={option}")
-    for flag in ("read_only", "allow_other", "debug"):
-        if getattr(args, flag):
-            cmd.append("--" + flag.replace("_", "-"))
-    if args.endpoint_url:
-        cmd += ["--endpoint-url", args.endpoint_url]
-    env = worker_env(os.environ)
-    with open(log_file, "ab") as log_out:
-        proc = subprocess.Popen(
-            cmd,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=log_out,
-            stderr=log_out,
-            env=env,
-            close_fds=True,
-        )
-    os.close(write_fd)
-    deadline = time.monotonic() + args.store_timeout + 30
-    message = b""
+        extra += ["--read-ahead-kib", str(args.read_ahead_kib)]
+    if args.debug:
+        extra.append("--debug")
+    spec = WorkerSpec(
+        pool_url=args.pool_url,
+        mountpoint=mountpoint,
+        spill_dir=args.spill_dir,
+        max_file_size=args.max_file_size,
+        metadata_ttl=args.metadata_ttl,
+        uid=args.uid,
+        gid=args.gid,
+        store_timeout=args.store_timeout,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
+        endpoint_url=args.endpoint_url,
+        extra_args=extra,
+    )
     try:
-        while b"\n" not in message:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                proc.kill()
-                proc.wait()
-                _cleanup_failed(mountpoint)
-                return _fail(f"mount of {args.pool_url} on {mountpoint} timed out; see {log_file}")
-            ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(read_fd, 4096)
-                if not chunk:
-                    break
-                message += chunk
-    finally:
-        os.close(read_fd)
-    line = message.decode(errors="replace").strip()
+        started = workerproc.start(spec, log_file, worker_env(os.environ))
+    except OSError as exc:
+        return _fail(f"cannot start the mount worker: {exc}")
+    proc = started.process
+    line = workerproc.wait_ready(started, args.store_timeout + 30)
     if line == READY:
         return 0
+    if line is None:
+        proc.kill()
+        proc.wait()
+        _cleanup_failed(mountpoint)
+        return _fail(f"mount of {args.pool_url} on {mountpoint} timed out; see {log_file}")
     if line:
         proc.wait()
         return _fail(line)
     code = proc.wait()
     _cleanup_failed(mountpoint)
-    return _fail(f"mount worker exited with code {code}: {_last_line(log_file)}")
+    return _fail(f"mount worker exited with code {code}: {last_log_line(log_file)}")
 
 
 def _cleanup_failed(mountpoint: str) -> None:
     if find_mount(mountpoint) is not None:
         subprocess.run(["fusermount", "-uz", mountpoint], check=False, capture_output=True)
-
-
-def _last_line(path: str) -> str:
-    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-        if lines:
-            return lines[-1]
-    return f"no output (see {path})"
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

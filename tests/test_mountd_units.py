@@ -339,7 +339,7 @@ def test_worker_command_and_environment() -> None:
         ready_timeout=30.0,
         env={},
     )
-    cmd = Worker.command(config, "s3://b/p", "/mnt/e/x", read_only=True, ready_fd=9)
+    cmd = Worker.spec(config, "s3://b/p", "/mnt/e/x", read_only=True).command(9)
     assert cmd[:6] == ["/usr/bin/python3", "-m", "poolfs", "mount", "s3://b/p", "/mnt/e/x"]
     text = " ".join(cmd)
     for part in (
