@@ -6,13 +6,11 @@ annotations; the examples' program.py files (loaded in `examples_program`) have 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
@@ -33,17 +31,17 @@ from poolfs.refs import (
     parse_execution_body,
     request_schema,
 )
+from tests.examples import EXAMPLES, examples_program
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 pytestmark = pytest.mark.core
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
 ID1 = "a1b2c3d4-e5f6-7890-1234-567890abcdef"
 ID2 = "b1b2c3d4-e5f6-7890-1234-567890abcdef"
 ID3 = "c1b2c3d4-e5f6-7890-1234-567890abcdef"
+
 
 # The guide's request bodies, verbatim.
 GUIDE_BODY_1 = {
@@ -81,18 +79,6 @@ my_dataset:
     - ref
   additionalProperties: false
 """
-
-
-def examples_program(name: str) -> ModuleType:
-    path = EXAMPLES / name / "src" / "program.py"
-    module_name = f"_example_{name}_program"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Point(BaseModel):

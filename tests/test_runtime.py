@@ -4,7 +4,6 @@ and `CliMounter` driving a stand-in `poolfs` (real mounts are in test_runtime_mo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -37,27 +35,11 @@ from poolfs.runtime import (
     result_to_json,
     run_local,
 )
+from tests.examples import EXAMPLES, ID1, ID2, ID3, examples_program
 
 pytestmark = pytest.mark.core
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-ID1 = uuid.UUID("a1b2c3d4-e5f6-7890-1234-567890abcdef")
-ID2 = uuid.UUID("b1b2c3d4-e5f6-7890-1234-567890abcdef")
-ID3 = uuid.UUID("c1b2c3d4-e5f6-7890-1234-567890abcdef")
 CONCAT_RESULT = "Content from my_dataset: Hello\nContent from another_dataset: World"
-
-
-def examples_program(name: str) -> ModuleType:
-    path = EXAMPLES / name / "src" / "program.py"
-    module_name = f"_example_{name}_program_rt"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def ref(pool_id: uuid.UUID, grant: str | None = None) -> dict[str, Any]:

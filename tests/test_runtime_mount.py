@@ -10,15 +10,12 @@ has returned.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import boto3
@@ -29,28 +26,12 @@ from poolfs.datapool import DataPool
 from poolfs.grants import GrantSecret, issue_grant, permission_mode, verify_grant
 from poolfs.refs import DataPoolRef
 from poolfs.runtime import CliMounter, Mode, MountError, execute
+from tests.examples import ID1, ID2, ID3, examples_program
 
 pytestmark = pytest.mark.fuse
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-ID1 = uuid.UUID("a1b2c3d4-e5f6-7890-1234-567890abcdef")
-ID2 = uuid.UUID("b1b2c3d4-e5f6-7890-1234-567890abcdef")
-ID3 = uuid.UUID("c1b2c3d4-e5f6-7890-1234-567890abcdef")
 APP = uuid.UUID("d1b2c3d4-e5f6-7890-1234-567890abcdef")
 TENANT = "tenant-a"
-
-
-def examples_program(name: str) -> ModuleType:
-    path = EXAMPLES / name / "src" / "program.py"
-    module_name = f"_example_{name}_program_mount"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Pools:
