@@ -164,6 +164,9 @@ def _map_error(op: str, where: str, key: str | None, exc: BaseException) -> Stor
             kind = Transient if status >= 500 else StoreError
         if code == "NoSuchBucket":
             text = "bucket does not exist"
+        elif kind is Denied:
+            # A HEAD's 403 has no body: "Forbidden" alone does not say what to fix.
+            text = f"access denied: {text}; check the credentials and the bucket's policy"
         return kind(f"s3 {op} {where}: {text} ({code or '-'}, HTTP {status})", key)
     if isinstance(
         exc,
