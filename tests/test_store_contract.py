@@ -649,6 +649,11 @@ def test_s3_large_copy_uses_part_copy(moto_server: MotoServer, moto_bucket: S3Bu
 def _stub_store() -> tuple[S3Store, Stubber]:
     options = StoreOptions(endpoint_url="http://127.0.0.1:9", region="us-east-1")
     store = S3Store("bkt", "p/", options)
+    # The stubs answer the botocore client, which stays the reference (and the fallback) of
+    # the lean read path; tests/test_s3wire.py runs the same cases on the lean path.
+    assert store.lean is not None
+    store.lean.close()
+    store.lean = None
     return store, Stubber(store._client)
 
 

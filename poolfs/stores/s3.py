@@ -1,6 +1,7 @@
 """S3 (and S3-compatible) store: `s3://BUCKET/PREFIX`.
 
-The only module in poolfs that imports boto3, botocore or s3transfer.
+With `s3wire.py` (its lean read path, used only from here), the only module in poolfs that
+imports boto3, botocore, s3transfer or urllib3.
 
 Invariants a newcomer must keep:
 
@@ -30,6 +31,14 @@ Invariants a newcomer must keep:
   and managed copies: one request per part) bound each request and stop at the first failure.
   Reading a GET body is outside botocore's retry loop, so `get_range` retries a broken body
   itself while a whole attempt still fits before its deadline.
+- Two request paths. GET, HEAD and ListObjectsV2 go over `s3wire.LeanS3` (urllib3 + own
+  SigV4): botocore's request building and parsing was most of the worker's CPU on small files,
+  random reads and listings (numbers in bench/README.md). Everything else, and any call the
+  lean path does not understand (`s3wire.Unsupported`: redirects, region errors, a rejected
+  signature), goes to the botocore client, which stays the reference: the lean path returns
+  its response shapes and raises its exceptions, so both paths share the code below, the time
+  bound and the error table. The first fallback of each kind is logged. `lean = None` turns
+  the lean path off (also where it cannot reproduce botocore's addressing or proxies apply).
 - Errors: every boto exception goes through `_map_error` (one table), is re-raised as a
   StoreError kind carrying the pool-relative key, and is chained (`raise ... from exc`).
 - Versions: `etag` (quotes stripped) is the version identity. `last_modified_ns` has whole-second
@@ -64,6 +73,8 @@ import email.utils
 import logging
 import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -72,6 +83,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.handlers
+import botocore.httpsession
 import s3transfer.manager
 
 from poolfs.stores import StoreOptions
@@ -87,6 +99,7 @@ from poolfs.stores.base import (
     TooLarge,
     Transient,
 )
+from poolfs.stores.s3wire import LeanS3, ListResult, Unsupported, address_for
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -151,6 +164,9 @@ def _map_error(op: str, where: str, key: str | None, exc: BaseException) -> Stor
             kind = Transient if status >= 500 else StoreError
         if code == "NoSuchBucket":
             text = "bucket does not exist"
+        elif kind is Denied:
+            # A HEAD's 403 has no body: "Forbidden" alone does not say what to fix.
+            text = f"access denied: {text}; check the credentials and the bucket's policy"
         return kind(f"s3 {op} {where}: {text} ({code or '-'}, HTTP {status})", key)
     if isinstance(
         exc,
@@ -287,6 +303,50 @@ class S3Store(Store):
         # outside connect/read timeouts and broke the time budget (a PUT to a silent server
         # took 1.7 s with timeout=1). Small PUTs to SeaweedFS were no slower without it.
         self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        self.lean: LeanS3 | None = self._lean_path(session, region, options)
+        self._fallbacks_logged: set[str] = set()
+
+    def _lean_path(
+        self, session: boto3.session.Session, region: str, options: StoreOptions
+    ) -> LeanS3 | None:
+        address = address_for(
+            self.bucket, region, self.endpoint_url, custom_endpoint=bool(options.endpoint_url)
+        )
+        if address is None:
+            log.debug("s3 %s: lean read path off: endpoint %s", self.url, self.endpoint_url)
+            return None
+        host = urllib.parse.urlsplit(address.base).hostname or ""
+        proxies = urllib.request.getproxies()
+        if address.base.split(":", 1)[0] in proxies and not urllib.request.proxy_bypass(host):
+            log.debug("s3 %s: lean read path off: a proxy applies to %s", self.url, host)
+            return None
+        botocore_session = session._session
+        return LeanS3(
+            address=address,
+            region=region,
+            credentials=botocore_session.get_credentials(),
+            attempts=self.budget.attempts,
+            connect_timeout=self.budget.connect_timeout,
+            read_timeout=self.budget.read_timeout,
+            pool_size=_pool_size(options),
+            ca_bundle=botocore_session.get_config_variable("ca_bundle")
+            or botocore.httpsession.get_cert_path(True),
+            user_agent=str(getattr(self._client.meta.config, "user_agent", None) or ""),
+        )
+
+    def _fallback(self, op: str, exc: Unsupported, confirmed: bool = True) -> None:
+        """Note that `op` went to the botocore client; the first of each kind is logged."""
+        if not confirmed or exc.reason in self._fallbacks_logged:
+            return
+        self._fallbacks_logged.add(exc.reason)
+        log.warning(
+            "s3 %s %s: the lean read path got %s from %s; such calls go to the botocore "
+            "client (slower; check the region and endpoint settings)",
+            op,
+            self.url,
+            exc.reason,
+            self.endpoint_url,
+        )
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
@@ -321,11 +381,8 @@ class S3Store(Store):
     def _head_raw(self, op: str, key: str, if_match: str | None = None) -> dict[str, Any]:
         if key == "" and not self.has_root_marker:
             raise self._no_root_marker(op, if_match)
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._s3key(key)}
-        if if_match is not None:
-            args["IfMatch"] = _quote(if_match)
         try:
-            response = self._client.head_object(**args)
+            response = self._head_object(op, self._s3key(key), if_match)
         except botocore.exceptions.ClientError as exc:
             if if_match is not None and _status(exc) == 404:
                 raise Changed(f"s3 {op} {self._where(key)}: object vanished", key) from exc
@@ -337,6 +394,27 @@ class S3Store(Store):
             # The server ignored If-Match; never report another version as the pinned one.
             raise Changed(f"s3 {op} {self._where(key)}: object changed", key)
         return result
+
+    def _head_object(self, op: str, s3key: str, if_match: str | None) -> Mapping[str, Any]:
+        """HeadObject on the lean path, or on the botocore client; botocore's shape."""
+        quoted = None if if_match is None else _quote(if_match)
+        if self.lean is not None:
+            try:
+                return self.lean.head(s3key, quoted)
+            except Unsupported as exc:
+                unsupported = exc
+            try:
+                response = self._head_object_boto(s3key, quoted)
+            finally:
+                self._fallback(op, unsupported)
+            return response
+        return self._head_object_boto(s3key, quoted)
+
+    def _head_object_boto(self, s3key: str, quoted_etag: str | None) -> Mapping[str, Any]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": s3key}
+        if quoted_etag is not None:
+            args["IfMatch"] = quoted_etag
+        return self._client.head_object(**args)
 
     @staticmethod
     def _info(key: str, size: int, response: Mapping[str, Any]) -> ObjectInfo:
@@ -379,41 +457,19 @@ class S3Store(Store):
             return b"", self._head_after_empty_range(key, if_match)
         if key == "" and not self.has_root_marker:
             raise self._no_root_marker("get", if_match)
-        args: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": self._s3key(key),
-            "Range": f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}",
-        }
-        if if_match is not None:
-            args["IfMatch"] = _quote(if_match)
-        deadline = time.monotonic() + self.options.timeout
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self._client.get_object(**args)
-            except botocore.exceptions.ClientError as exc:
-                if _status(exc) == 416 or _code(exc) == "InvalidRange":
-                    return b"", self._head_after_empty_range(key, if_match)
-                if if_match is not None and _status(exc) == 404:
-                    raise Changed(f"s3 get {self._where(key)}: object vanished", key) from exc
-                self._fail("get", key, exc)
-            except botocore.exceptions.BotoCoreError as exc:
-                self._fail("get", key, exc)
-            body = response["Body"]
-            try:
-                data = body.read()
-            except botocore.exceptions.BotoCoreError as exc:
-                # The body is read outside botocore's retry loop; the partial bytes are
-                # dropped, so a fresh GET cannot mix versions (if_match still pins it).
-                per_try = self.budget.connect_timeout + self.budget.read_timeout
-                if attempt < self.budget.attempts and time.monotonic() + per_try < deadline:
-                    log.debug("s3 get %s: body read failed, retrying: %s", key, exc)
-                    continue
-                self._fail("get", key, exc)
-            finally:
-                body.close()
-            break
+        s3key = self._s3key(key)
+        byte_range = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
+        quoted = None if if_match is None else _quote(if_match)
+        try:
+            data, response = self._get_object(key, s3key, byte_range, quoted)
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) == 416 or _code(exc) == "InvalidRange":
+                return b"", self._head_after_empty_range(key, if_match)
+            if if_match is not None and _status(exc) == 404:
+                raise Changed(f"s3 get {self._where(key)}: object vanished", key) from exc
+            self._fail("get", key, exc)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._fail("get", key, exc)
         etag = _unquote(response["ETag"])
         if if_match is not None and etag != if_match:
             raise Changed(f"s3 get {self._where(key)}: object changed", key)
@@ -426,6 +482,53 @@ class S3Store(Store):
             # "bytes 0-9/*": total unknown to the server's response; ask for this version.
             return data, self._head_after_empty_range(key, etag)
         return data, self._info(key, size, response)
+
+    def _get_object(
+        self, key: str, s3key: str, byte_range: str, quoted_etag: str | None
+    ) -> tuple[bytes, Mapping[str, Any]]:
+        """GetObject on the lean path (body read inside its attempts) or on the botocore
+        client; raises what the botocore client raises."""
+        if self.lean is not None:
+            try:
+                return self.lean.get(s3key, byte_range, quoted_etag)
+            except Unsupported as exc:
+                unsupported = exc
+            confirmed = False
+            try:
+                result = self._get_object_boto(key, s3key, byte_range, quoted_etag)
+                confirmed = True
+            except botocore.exceptions.ClientError:
+                confirmed = not unsupported.reason.endswith("SignatureDoesNotMatch")
+                raise
+            finally:
+                self._fallback("get", unsupported, confirmed)
+            return result
+        return self._get_object_boto(key, s3key, byte_range, quoted_etag)
+
+    def _get_object_boto(
+        self, key: str, s3key: str, byte_range: str, quoted_etag: str | None
+    ) -> tuple[bytes, Mapping[str, Any]]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": s3key, "Range": byte_range}
+        if quoted_etag is not None:
+            args["IfMatch"] = quoted_etag
+        deadline = time.monotonic() + self.options.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            response = self._client.get_object(**args)
+            body = response["Body"]
+            try:
+                return body.read(), response
+            except botocore.exceptions.BotoCoreError as exc:
+                # The body is read outside botocore's retry loop; the partial bytes are
+                # dropped, so a fresh GET cannot mix versions (if_match still pins it).
+                per_try = self.budget.connect_timeout + self.budget.read_timeout
+                if attempt < self.budget.attempts and time.monotonic() + per_try < deadline:
+                    log.debug("s3 get %s: body read failed, retrying: %s", key, exc)
+                    continue
+                raise
+            finally:
+                body.close()
 
     def _head_after_empty_range(self, key: str, if_match: str | None) -> ObjectInfo:
         response = self._head_raw("get", key, if_match)
@@ -599,44 +702,84 @@ class S3Store(Store):
 
     def list_pages(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
         cut = len(self.prefix)
-        args: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Prefix": self._s3key(prefix),
-            "PaginationConfig": {"PageSize": _PAGE_SIZE},
-        }
-        if delimiter:
-            args["Delimiter"] = delimiter
-        pages = iter(self._client.get_paginator("list_objects_v2").paginate(**args))
+        s3prefix = self._s3key(prefix)
+        token: str | None = None
         while True:
             try:
-                page = next(pages)
-            except StopIteration:
-                return
+                result = self._list_page(s3prefix, delimiter, token, _PAGE_SIZE)
             except _BOTO_ERRORS as exc:
                 self._fail("list", prefix, exc)
             objects = tuple(
-                ObjectInfo(
-                    item["Key"][cut:],
+                ObjectInfo(key[cut:], size, _unquote(etag), modified_ns)
+                for key, size, etag, modified_ns in result.objects
+            )
+            yield ListPage(objects, tuple(p[cut:] for p in result.prefixes))
+            if result.next_token is None:
+                return
+            if result.next_token == token:
+                raise StoreError(
+                    f"s3 list {self._where(prefix)}: the server repeated a continuation token",
+                    prefix,
+                )
+            token = result.next_token
+
+    def _list_page(
+        self, s3prefix: str, delimiter: str | None, token: str | None, max_keys: int
+    ) -> ListResult:
+        """One ListObjectsV2 page on the lean path, or on the botocore client."""
+        if self.lean is not None:
+            try:
+                return self.lean.list_page(s3prefix, delimiter, token, max_keys)
+            except Unsupported as exc:
+                unsupported = exc
+            confirmed = False
+            try:
+                result = self._list_page_boto(s3prefix, delimiter, token, max_keys)
+                confirmed = True
+            except botocore.exceptions.ClientError:
+                confirmed = not unsupported.reason.endswith("SignatureDoesNotMatch")
+                raise
+            finally:
+                self._fallback("list", unsupported, confirmed)
+            return result
+        return self._list_page_boto(s3prefix, delimiter, token, max_keys)
+
+    def _list_page_boto(
+        self, s3prefix: str, delimiter: str | None, token: str | None, max_keys: int
+    ) -> ListResult:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": s3prefix, "MaxKeys": max_keys}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if token is not None:
+            args["ContinuationToken"] = token
+        page = self._client.list_objects_v2(**args)
+        truncated = bool(page.get("IsTruncated")) and bool(page.get("NextContinuationToken"))
+        return ListResult(
+            [
+                (
+                    item["Key"],
                     int(item["Size"]),
-                    _unquote(item["ETag"]),
+                    item["ETag"],
                     _seconds_ns(item["LastModified"]),
                 )
                 for item in page.get("Contents", ())
-            )
-            prefixes = tuple(item["Prefix"][cut:] for item in page.get("CommonPrefixes", ()))
-            yield ListPage(objects, prefixes)
+            ],
+            [item["Prefix"] for item in page.get("CommonPrefixes", ())],
+            page.get("NextContinuationToken") if truncated else None,
+            int(page.get("KeyCount", 0)),
+        )
 
     def any_below(self, prefix: str) -> bool:
         # One key is enough to know: a directory lookup must not parse a 1000-key page.
         try:
-            reply = self._client.list_objects_v2(
-                Bucket=self.bucket, Prefix=self._s3key(prefix), MaxKeys=1
-            )
+            result = self._list_page(self._s3key(prefix), None, None, 1)
         except _BOTO_ERRORS as exc:
             self._fail("list", prefix, exc)
-        return int(reply.get("KeyCount", 0)) > 0
+        return result.key_count > 0
 
     def close(self) -> None:
+        if self.lean is not None:
+            self.lean.close()
         self._client.close()
 
 

@@ -1,0 +1,579 @@
+"""A lean wire path for the S3 store's hot read requests: GET, HEAD and ListObjectsV2.
+
+Only `poolfs/stores/s3.py` uses this module. It sends those three requests straight over one
+urllib3 connection pool with its own SigV4 signature, because botocore's request building and
+response parsing cost ~1-2 ms of CPU per request (more than the request itself against a local
+server; measured numbers in bench/README.md). Everything else (credentials, region, endpoint,
+writes, copies, multipart, deletes) stays with boto3/botocore, which `s3.py` owns.
+
+Invariants a newcomer must keep:
+
+- Same answers as the botocore client. Success responses are returned in botocore's shapes
+  (`ETag` quoted, `ContentLength`, `ContentRange`, `LastModified` as an aware datetime, user
+  `Metadata` from `x-amz-meta-*` headers with the prefix cut, names as the server sent them,
+  values as latin-1 decoded by http.client, exactly as botocore does). Failures are raised as
+  the botocore exceptions the client would raise (`ClientError` with `Error.Code`/`Message`
+  from the XML body, or for HEAD, which has no body, the status as code; the connection
+  errors mapped as botocore's `URLLib3Session.send` maps them), so `s3._map_error` stays the
+  one error table and callers handle both paths with the same `except` clauses.
+- Same time bound: the attempts, connect/read timeouts and backoff of `s3.time_budget`
+  (botocore "standard" mode: connection errors, 500/502/503/504 and throttling codes are
+  retried, backoff rand() * min(scale * 2**i, 20) with scale 1 s for throttling and 50 ms
+  otherwise). A GET body is read inside the attempt, so a broken body is retried like any
+  other transient failure and its partial bytes are dropped.
+- Never silently wrong: an answer this path does not understand (a 3xx redirect, a 400 on HEAD
+  or AuthorizationHeaderMalformed / a region hint, a signature the server rejects) raises
+  `Unsupported`; `s3.py` then repeats that call on the botocore client (which follows region
+  redirects itself) and logs the first such case.
+- Credentials are frozen per request from the session's credentials object, so refreshable
+  credentials (SSO, assume-role, instance roles) are refreshed by botocore's own logic.
+- Object bodies are returned as sent (`decode_content=False`): an object stored with
+  `Content-Encoding: gzip` reads as its stored bytes, as with botocore.
+- Signature: SigV4 with the empty-body SHA-256 as payload hash (valid for GET/HEAD over http
+  and https); the signing key is cached per (secret, date, region). Keys are encoded into the
+  path as botocore does (`quote(key, safe="/~")`) and the path is signed as sent (S3 does not
+  normalise paths).
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import hashlib
+import hmac
+import http.client
+import random
+import re
+import socket
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.credentials
+import botocore.exceptions
+import botocore.utils
+import urllib3
+import urllib3.connection
+import urllib3.connectionpool
+import urllib3.exceptions
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ALGORITHM = "AWS4-HMAC-SHA256"
+_UNRESERVED = "-_.~"
+
+# botocore "standard" retry mode (botocore/retries/standard.py): what is retried and how long
+# it waits. Kept in step with the botocore version in use by test_lean_retry_tables_match.
+TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+TRANSIENT_CODES = frozenset(
+    {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"}
+)
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "EC2ThrottledException",
+        "PriorRequestNotComplete",
+    }
+)
+_THROTTLING_SCALE = 1.0
+_OTHER_SCALE = 0.05
+_MAX_BACKOFF = 20.0
+
+# Error codes that mean "this request was addressed or signed for another region/endpoint":
+# botocore's client knows how to redirect these; this path does not.
+_REDIRECT_CODES = frozenset(
+    {"AuthorizationHeaderMalformed", "PermanentRedirect", "TemporaryRedirect", "Redirect"}
+)
+
+_KEPT_HEADERS = {
+    "content-type": "ContentType",
+    "content-encoding": "ContentEncoding",
+    "content-disposition": "ContentDisposition",
+    "content-language": "ContentLanguage",
+}
+_META_PREFIX = "x-amz-meta-"
+_AWS_HOST = re.compile(r"^s3(?:\.(?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
+
+
+class Unsupported(Exception):
+    """An answer the lean path does not understand; repeat the call on the botocore client."""
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# --- timestamps --------------------------------------------------------------------------------
+
+_ISO = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?Z")
+_HTTP_DATE = re.compile(r"[A-Z][a-z]{2}, (\d\d) ([A-Z][a-z]{2}) (\d{4}) (\d\d):(\d\d):(\d\d) GMT")
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+_EPOCH_DAY = datetime.date(1970, 1, 1).toordinal()
+_UTC = datetime.UTC
+
+
+def _epoch_seconds(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int:
+    days = datetime.date(year, month, day).toordinal() - _EPOCH_DAY
+    return days * 86400 + hour * 3600 + minute * 60 + second
+
+
+def iso_seconds_ns(text: str) -> int:
+    """A ListObjectsV2 `LastModified` ("2024-01-02T03:04:05.678Z") as whole seconds in ns.
+
+    The fixed format S3 servers send is parsed directly (~1 us); anything else goes through
+    botocore's own parser (dateutil, ~50 us), so the result always equals botocore's.
+    """
+    match = _ISO.fullmatch(text)
+    if match is not None:
+        y, mo, d, h, mi, s = map(int, match.groups())
+        if mo <= 12 and d <= 31 and h < 24 and mi < 60 and s < 60:
+            try:
+                return _epoch_seconds(y, mo, d, h, mi, s) * 1_000_000_000
+            except ValueError:
+                pass
+    return _datetime_seconds_ns(botocore.utils.parse_timestamp(text))
+
+
+def _datetime_seconds_ns(when: datetime.datetime) -> int:
+    return calendar.timegm(when.utctimetuple()) * 1_000_000_000
+
+
+def http_date(text: str) -> datetime.datetime:
+    """A `Last-Modified` header ("Tue, 02 Jan 2024 03:04:05 GMT") as an aware UTC datetime."""
+    match = _HTTP_DATE.fullmatch(text)
+    if match is not None:
+        d, mon, y, h, mi, s = match.groups()
+        month = _MONTHS.get(mon)
+        if month is not None:
+            try:
+                return datetime.datetime(int(y), month, int(d), int(h), int(mi), int(s), 0, _UTC)
+            except ValueError:
+                pass
+    return botocore.utils.parse_timestamp(text)
+
+
+# --- listing XML -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    """One ListObjectsV2 page: `objects` as (full key, size, quoted etag, last_modified_ns)."""
+
+    objects: list[tuple[str, int, str, int]]
+    prefixes: list[str]
+    next_token: str | None
+    key_count: int
+
+
+def _local(tag: str) -> str:
+    return tag[tag.find("}") + 1 :]
+
+
+def parse_list_page(body: bytes) -> ListResult:
+    """Parse a ListObjectsV2 result; keys and prefixes are url-decoded when the server says
+    `EncodingType` url (decoded with botocore's `unquote_plus`)."""
+    root = ET.fromstring(body)
+    objects: list[tuple[str, int, str, int]] = []
+    prefixes: list[str] = []
+    truncated = False
+    token: str | None = None
+    key_count: int | None = None
+    encoded = False
+    for child in root:
+        name = _local(child.tag)
+        if name == "Contents":
+            key = etag = modified = ""
+            size = 0
+            for field in child:
+                field_name = _local(field.tag)
+                text = field.text or ""
+                if field_name == "Key":
+                    key = text
+                elif field_name == "Size":
+                    size = int(text)
+                elif field_name == "ETag":
+                    etag = text
+                elif field_name == "LastModified":
+                    modified = text
+            objects.append((key, size, etag, iso_seconds_ns(modified)))
+        elif name == "CommonPrefixes":
+            for field in child:
+                if _local(field.tag) == "Prefix":
+                    prefixes.append(field.text or "")
+        elif name == "IsTruncated":
+            truncated = (child.text or "").strip().lower() == "true"
+        elif name == "NextContinuationToken":
+            token = child.text or None
+        elif name == "KeyCount":
+            key_count = int(child.text or 0)
+        elif name == "EncodingType":
+            encoded = (child.text or "").strip() == "url"
+    if encoded:
+        unquote = urllib.parse.unquote_plus
+        objects = [(unquote(k), size, etag, ns) for k, size, etag, ns in objects]
+        prefixes = [unquote(p) for p in prefixes]
+    if key_count is None:
+        key_count = len(objects) + len(prefixes)
+    return ListResult(objects, prefixes, token if truncated else None, key_count)
+
+
+def _error_fields(body: bytes) -> tuple[str, str]:
+    """`<Code>` and `<Message>` of an S3 XML error body ("" when absent or not XML)."""
+    if not body:
+        return "", ""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return "", ""
+    code = message = ""
+    for child in root.iter():
+        name = _local(child.tag)
+        if name == "Code" and not code:
+            code = (child.text or "").strip()
+        elif name == "Message" and not message:
+            message = (child.text or "").strip()
+    return code, message
+
+
+# --- signing -----------------------------------------------------------------------------------
+
+
+def _quote(value: str, safe: str) -> str:
+    return urllib.parse.quote(value, safe=safe)
+
+
+def canonical_query(params: Mapping[str, str]) -> str:
+    """SigV4 canonical query: names and values percent-encoded (RFC 3986), sorted."""
+    pairs = sorted((_quote(k, _UNRESERVED), _quote(v, _UNRESERVED)) for k, v in params.items())
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
+class Signer:
+    """SigV4 for S3 requests without a body. Thread-safe (the key cache is one tuple)."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self._key: tuple[str, str, bytes] = ("", "", b"")
+
+    def _signing_key(self, secret: str, day: str) -> bytes:
+        cached_secret, cached_day, key = self._key
+        if cached_secret == secret and cached_day == day:
+            return key
+        key = _hmac(("AWS4" + secret).encode(), day)
+        for part in (self.region, "s3", "aws4_request"):
+            key = _hmac(key, part)
+        self._key = (secret, day, key)
+        return key
+
+    def sign(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        credentials: botocore.credentials.ReadOnlyCredentials,
+        now: float | None = None,
+    ) -> None:
+        """Add x-amz-date, x-amz-content-sha256, the token and Authorization to `headers`.
+
+        `headers` has lowercase names and must hold `host`; every header in it is signed.
+        `path` and `query` are exactly as sent (already percent-encoded).
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        day = stamp[:8]
+        headers["x-amz-date"] = stamp
+        headers["x-amz-content-sha256"] = EMPTY_SHA256
+        if credentials.token:
+            headers["x-amz-security-token"] = credentials.token
+        names = sorted(headers)
+        signed = ";".join(names)
+        canonical = "\n".join(
+            (
+                method,
+                path,
+                query,
+                "".join(f"{n}:{' '.join(headers[n].split())}\n" for n in names),
+                signed,
+                EMPTY_SHA256,
+            )
+        )
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = (
+            f"{_ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        )
+        signature = hmac.new(
+            self._signing_key(credentials.secret_key or "", day), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
+        headers["authorization"] = (
+            f"{_ALGORITHM} Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={signed}, Signature={signature}"
+        )
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+# --- addressing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where requests for one bucket go: `base` (scheme://host[:port]) and the path prefix
+    before the key ("/bucket/" path style, "/" virtual-hosted)."""
+
+    base: str
+    path_prefix: str
+
+
+def address_for(
+    bucket: str, region: str, client_endpoint: str, custom_endpoint: bool
+) -> Address | None:
+    """The address botocore would use, or None where this path does not know it.
+
+    A custom endpoint (StoreOptions.endpoint_url or AWS_ENDPOINT_URL*) is path style, as the
+    S3 store configures botocore. AWS's own endpoint is virtual-hosted
+    (`https://BUCKET.s3.REGION.amazonaws.com`), path style for bucket names with dots (their
+    virtual host names do not match the wildcard certificate). FIPS, dual-stack and other
+    partitions' endpoints are left to botocore (None).
+    """
+    parts = urllib.parse.urlsplit(client_endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname
+    if not custom_endpoint and _AWS_HOST.match(host):
+        if parts.scheme != "https":
+            return None
+        if "." in bucket:
+            return Address(f"https://s3.{region}.amazonaws.com", f"/{bucket}/")
+        return Address(f"https://{bucket}.s3.{region}.amazonaws.com", "/")
+    if not custom_endpoint and host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+        return None
+    base = f"{parts.scheme}://{parts.netloc}"
+    root = parts.path.rstrip("/")
+    return Address(base, f"{_quote(root, '/~')}/{bucket}/")
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class LeanS3:
+    """GET, HEAD and ListObjectsV2 on one bucket; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        address: Address,
+        region: str,
+        credentials: botocore.credentials.Credentials | None,
+        attempts: int,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int,
+        ca_bundle: str | None,
+        user_agent: str,
+    ) -> None:
+        self.address = address
+        self._credentials = credentials
+        self._signer = Signer(region)
+        self._attempts = attempts
+        self._host = urllib.parse.urlsplit(address.base).netloc
+        self._user_agent = f"poolfs-lean {user_agent}"
+        options = [*urllib3.connection.HTTPConnection.default_socket_options]
+        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        pool_args: dict[str, Any] = {
+            "maxsize": pool_size,
+            "timeout": urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            "retries": False,
+            "socket_options": options,
+        }
+        if address.base.startswith("https:"):
+            pool_args["cert_reqs"] = "CERT_REQUIRED"
+            pool_args["ca_certs"] = ca_bundle
+        self._pool = urllib3.connectionpool.connection_from_url(address.base, **pool_args)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def head(self, s3key: str, if_match: str | None) -> dict[str, Any]:
+        """HeadObject; botocore's response shape (ETag, ContentLength, LastModified, Metadata
+        and the content headers a copy keeps)."""
+        headers = {} if if_match is None else {"if-match": if_match}
+        _, reply_headers, _ = self._request("HeadObject", "HEAD", s3key, {}, headers)
+        return self._object_fields(reply_headers)
+
+    def get(
+        self, s3key: str, range_header: str, if_match: str | None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """GetObject of a range; the body and botocore's response shape (with ContentRange)."""
+        headers = {"range": range_header}
+        if if_match is not None:
+            headers["if-match"] = if_match
+        _, reply_headers, body = self._request("GetObject", "GET", s3key, {}, headers)
+        fields = self._object_fields(reply_headers)
+        content_range = reply_headers.get("content-range")
+        if content_range:
+            fields["ContentRange"] = content_range
+        return body, fields
+
+    def list_page(
+        self, prefix: str, delimiter: str | None, token: str | None, max_keys: int
+    ) -> ListResult:
+        """One ListObjectsV2 page below `prefix` (an S3 key prefix), keys url-decoded."""
+        params = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys)}
+        params["encoding-type"] = "url"
+        if delimiter:
+            params["delimiter"] = delimiter
+        if token is not None:
+            params["continuation-token"] = token
+        _, _, body = self._request("ListObjectsV2", "GET", None, params, {})
+        return parse_list_page(body)
+
+    @staticmethod
+    def _object_fields(headers: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"ETag": headers.get("etag", "")}
+        length = headers.get("content-length")
+        if length is not None:
+            fields["ContentLength"] = int(length)
+        modified = headers.get("last-modified")
+        if modified:
+            fields["LastModified"] = http_date(modified)
+        metadata: dict[str, str] = {}
+        cut = len(_META_PREFIX)
+        for name in headers:
+            lower = name.lower()
+            if lower.startswith(_META_PREFIX):
+                metadata[name[cut:]] = headers[name]
+            elif lower in _KEPT_HEADERS:
+                fields[_KEPT_HEADERS[lower]] = headers[name]
+        fields["Metadata"] = metadata
+        return fields
+
+    def _request(
+        self,
+        operation: str,
+        method: str,
+        s3key: str | None,
+        params: Mapping[str, str],
+        headers: dict[str, str],
+    ) -> tuple[int, Any, bytes]:
+        """Send with retries; the status, headers and body of a 2xx answer, else raise."""
+        path = self.address.path_prefix
+        if s3key is not None:
+            path += _quote(s3key, "/~")
+        query = canonical_query(params) if params else ""
+        url = f"{path}?{query}" if query else path
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, reply_headers, body = self._send(method, path, query, url, headers)
+            except botocore.exceptions.BotoCoreError as exc:
+                if attempt < self._attempts and isinstance(
+                    exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError
+                ):
+                    time.sleep(
+                        random.random() * min(_OTHER_SCALE * 2 ** (attempt - 1), _MAX_BACKOFF)
+                    )
+                    continue
+                raise
+            if 200 <= status < 300:
+                return status, reply_headers, body
+            error = self._error(operation, method, status, reply_headers, body)
+            code = error.response["Error"]["Code"]
+            throttled = code in THROTTLING_CODES
+            if attempt < self._attempts and (
+                throttled or status in TRANSIENT_STATUS or code in TRANSIENT_CODES
+            ):
+                scale = _THROTTLING_SCALE if throttled else _OTHER_SCALE
+                time.sleep(random.random() * min(scale * 2 ** (attempt - 1), _MAX_BACKOFF))
+                continue
+            raise error
+
+    def _send(
+        self, method: str, path: str, query: str, url: str, headers: dict[str, str]
+    ) -> tuple[int, Any, bytes]:
+        if self._credentials is None:
+            raise botocore.exceptions.NoCredentialsError()
+        credentials = self._credentials.get_frozen_credentials()
+        signed = {"host": self._host, **headers}
+        self._signer.sign(method, path, query, signed, credentials)
+        signed["user-agent"] = self._user_agent
+        where = self.address.base + url
+        try:
+            response = self._pool.urlopen(
+                method,
+                url,
+                headers=signed,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=True,
+                decode_content=False,
+            )
+        except urllib3.exceptions.SSLError as exc:
+            raise botocore.exceptions.SSLError(endpoint_url=where, error=exc) from exc
+        except (urllib3.exceptions.NewConnectionError, socket.gaierror) as exc:
+            raise botocore.exceptions.EndpointConnectionError(
+                endpoint_url=where, error=exc
+            ) from exc
+        except urllib3.exceptions.ConnectTimeoutError as exc:
+            raise botocore.exceptions.ConnectTimeoutError(endpoint_url=where, error=exc) from exc
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=where, error=exc) from exc
+        except urllib3.exceptions.ProtocolError as exc:
+            raise botocore.exceptions.ConnectionClosedError(error=exc, endpoint_url=where) from exc
+        except Exception as exc:
+            raise botocore.exceptions.HTTPClientError(error=exc) from exc
+        return response.status, response.headers, response.data
+
+    @staticmethod
+    def _error(
+        operation: str, method: str, status: int, headers: Any, body: bytes
+    ) -> botocore.exceptions.ClientError:
+        if 300 <= status < 400:
+            raise Unsupported(f"HTTP {status} redirect", status)
+        if method == "HEAD":
+            if status == 400:
+                raise Unsupported("HTTP 400 to HEAD (no body to tell why)", status)
+            code, message = str(status), _reason(status)
+        else:
+            code, message = _error_fields(body)
+            if not code:
+                code, message = str(status), _reason(status)
+            if code in _REDIRECT_CODES:
+                raise Unsupported(f"HTTP {status} {code}", status)
+            if code == "SignatureDoesNotMatch":
+                # Wrong secret, or a request this signer encodes differently from botocore:
+                # botocore decides (and raises Denied for a wrong secret).
+                raise Unsupported(f"HTTP {status} {code}", status)
+        response: Any = {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": dict(headers)},
+        }
+        return botocore.exceptions.ClientError(response, operation)
+
+
+def _reason(status: int) -> str:
+    return http.client.responses.get(status, "")
