@@ -327,10 +327,11 @@ def test_listing_serves_getattr_without_per_file_requests(tmp_path: Path) -> Non
     for name in names:
         pfs.getattr("/big/" + name)
     assert len(names) == 10_000
-    assert set(store.calls) <= {"list", "head"}
-    # 10 pages of 1000 keys, plus one LIST and HEAD resolving the directory itself.
+    assert set(store.calls) <= {"list", "head", "get"}
+    # 10 pages of 1000 keys, plus one LIST, HEAD and GET resolving the directory itself.
     assert store.calls["list"] <= 11
-    assert store.calls.get("head", 0) <= 2
+    assert store.calls.get("head", 0) <= 1
+    assert store.calls.get("get", 0) <= 1
     pfs.shutdown()
 
 
@@ -463,4 +464,94 @@ def test_writers_never_use_blocks_fetched_ahead(tmp_path: Path) -> None:
     pfs.write(fh, 0, b"!")
     pfs.release(fh)
     assert store.raw_get("d/f2") == b"newer!"
+    pfs.shutdown()
+
+
+def test_open_after_lookup_makes_no_request_of_its_own(tmp_path: Path) -> None:
+    store = MemStore("lookup-block")
+    store.put_bytes("d/f", b"x" * 1000, {})
+    pfs = make_fs(store, tmp_path)
+    assert pfs.getattr("/d/f").size == 1000  # the kernel's LOOKUP before an open
+    store.calls.clear()
+    assert read_file(pfs, "/d/f") == b"x" * 1000
+    assert store.calls == {}
+    # A writer never uses it: its base must be the current version.
+    pfs.getattr("/d/f")
+    store.put_bytes("d/f", b"y" * 10, {})
+    fh = pfs.open("/d/f", os.O_RDWR)
+    assert pfs.read(fh, 0, 100) == b"y" * 10
+    pfs.release(fh)
+    pfs.shutdown()
+
+
+def test_lookup_blocks_expire_with_the_metadata_ttl(tmp_path: Path) -> None:
+    store = MemStore("lookup-ttl")
+    store.put_bytes("f", b"old", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0.2)
+    pfs.getattr("/f")
+    store.put_bytes("f", b"new", {})
+    threading.Event().wait(0.3)
+    assert read_file(pfs, "/f") == b"new"
+    pfs.shutdown()
+
+
+def keeps(pfs: PoolFS, path: str) -> tuple[bool, bytes]:
+    fh = pfs.open(path, os.O_RDONLY)
+    try:
+        return pfs.keep_cache(fh), pfs.read(fh, 0, 1 << 20)
+    finally:
+        pfs.release(fh)
+
+
+def test_kernel_cache_kept_only_for_the_version_opened_before(tmp_path: Path) -> None:
+    store = MemStore("keep")
+    store.put_bytes("f", b"one", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0)
+    assert keeps(pfs, "/f") == (False, b"one")
+    store.calls.clear()
+    fh = pfs.open("/f", os.O_RDONLY)
+    assert pfs.keep_cache(fh)
+    pfs.release(fh)
+    assert store.calls == {"head": 1}  # revalidated without fetching bytes
+    # Changed by another client: the kernel must drop its pages, then may keep the new ones.
+    store.put_bytes("f", b"two", {})
+    assert keeps(pfs, "/f") == (False, b"two")
+    assert keeps(pfs, "/f") == (True, b"two")
+    # Changed here: written, truncated, renamed over, unlinked and recreated.
+    write_file(pfs, "/f", b"three")
+    assert keeps(pfs, "/f") == (False, b"three")
+    assert keeps(pfs, "/f")[0]
+    pfs.truncate("/f", 2)
+    assert keeps(pfs, "/f") == (False, b"th")
+    write_file(pfs, "/g", b"gg")
+    pfs.rename("/g", "/f")
+    assert keeps(pfs, "/f") == (False, b"gg")
+    pfs.unlink("/f")
+    write_file(pfs, "/f", b"gg")
+    assert keeps(pfs, "/f") == (False, b"gg")
+    # A file open for writing: its readers see staged bytes, never a kept cache.
+    assert keeps(pfs, "/f")[0]
+    wfh = pfs.open("/f", os.O_WRONLY)
+    assert keeps(pfs, "/f") == (False, b"gg")
+    pfs.write(wfh, 0, b"GG")
+    pfs.release(wfh)
+    assert keeps(pfs, "/f") == (False, b"GG")
+    pfs.shutdown()
+
+
+def test_kernel_cache_not_kept_while_another_version_is_open(tmp_path: Path) -> None:
+    store = MemStore("keep-two")
+    store.put_bytes("f", b"one", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0)
+    keeps(pfs, "/f")
+    old = pfs.open("/f", os.O_RDONLY)  # pins "one"; its reads fill the shared page cache
+    assert pfs.keep_cache(old)
+    assert pfs.read(old, 0, 10) == b"one"  # now held by the handle's read-ahead
+    store.put_bytes("f", b"two", {})
+    assert keeps(pfs, "/f") == (False, b"two")
+    assert pfs.read(old, 0, 10) == b"one"
+    assert keeps(pfs, "/f") == (False, b"two")  # "one" may be in the kernel's pages
+    pfs.release(old)
+    assert keeps(pfs, "/f") == (False, b"two")  # ... until an open without keep drops them
+    assert keeps(pfs, "/f") == (True, b"two")
     pfs.shutdown()

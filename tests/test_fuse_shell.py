@@ -6,11 +6,13 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.conftest import Backend, MountFactory
 from tests.mountrig import Mount, run
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.fuse
 
@@ -159,3 +161,30 @@ def test_unlinked_open_file_readable(mount: Mount) -> None:
         os.unlink(p)
         assert not p.exists()
         assert f.read() == b"x" * 500_000
+
+
+def cat(path: os.PathLike[str]) -> bytes:
+    return subprocess.run(["cat", str(path)], capture_output=True, check=True).stdout
+
+
+def test_reread_of_unchanged_file_comes_from_kernel_cache(
+    s3_backend: Backend, mounter: MountFactory, moto_server: MotoServer
+) -> None:
+    old, new = os.urandom(600 * 1024), os.urandom(300 * 1024)
+    s3_backend.put("pool/f", old)
+    m = mounter(s3_backend)
+    path = m.path / "f"
+    assert cat(path) == old
+    moto_server.reset_counts()
+    assert cat(path) == old
+    counts = moto_server.request_counts()
+    assert "GetObject" not in counts, counts  # revalidated (a HEAD), bytes from the kernel
+    # Replaced by another client: once the metadata TTL has passed, the new bytes are read.
+    s3_backend.put("pool/f", new)
+    time.sleep(1.2)
+    assert cat(path) == new
+    assert other_process_reads(path) == new
+    # Written here: the next reader sees the written bytes, not the kernel's old pages.
+    with open(path, "r+b") as f:
+        f.write(b"local")
+    assert cat(path) == b"local" + new[5:]

@@ -115,3 +115,81 @@ def test_seeded_bytes_are_used(pool: ThreadPoolExecutor) -> None:
     assert ra.read(0, 100 * KiB) == DATA[: 100 * KiB]
     assert rec.calls == [] or all(s >= 256 * KiB for s, _ in rec.calls)
     ra.close()
+
+
+def test_first_read_within_the_seed_starts_no_prefetch(pool: ThreadPoolExecutor) -> None:
+    rec = Recorder()
+    ra = make(rec, pool, ByteBudget(64 * MiB))
+    ra.seed(0, DATA[: 256 * KiB])
+    assert ra.read(0, 16 * KiB) == DATA[: 16 * KiB]  # head -c, a magic number: no GETs
+    assert rec.calls == []
+    assert ra.read(16 * KiB, 16 * KiB) == DATA[16 * KiB : 32 * KiB]  # a second one streams
+    ra.close()
+    assert rec.calls and all(s >= 256 * KiB for s, _ in rec.calls)
+    # A first read that needs more than the seed is a stream from the start.
+    rec2 = Recorder()
+    ra2 = make(rec2, pool, ByteBudget(64 * MiB))
+    ra2.seed(0, DATA[: 256 * KiB])
+    assert ra2.read(0, MiB) == DATA[:MiB]
+    ra2.close()
+    assert any(s >= MiB for s, _ in rec2.calls)
+
+
+def test_demand_reads_run_in_the_calling_thread(pool: ThreadPoolExecutor) -> None:
+    threads: list[str] = []
+
+    def fetch(start: int, end: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        return DATA[start:end]
+
+    ra = ReadAhead(
+        fetch,
+        SIZE,
+        executor=pool,
+        budget=ByteBudget(64 * MiB),
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=4 * KiB,
+    )
+    for offset in (40 * MiB, 3 * MiB, 10 * MiB):
+        assert ra.read(offset, 4 * KiB) == DATA[offset : offset + 4 * KiB]
+    assert threads == [threading.current_thread().name] * 3
+    ra.close()
+
+
+def test_a_failed_fetch_is_tried_again(pool: ThreadPoolExecutor) -> None:
+    failures = [OSError(5, "store down")]
+
+    def fetch(start: int, end: int) -> bytes:
+        if failures:
+            raise failures.pop()
+        return DATA[start:end]
+
+    ra = ReadAhead(
+        fetch,
+        SIZE,
+        executor=pool,
+        budget=ByteBudget(64 * MiB),
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=4 * KiB,
+    )
+    with pytest.raises(OSError):
+        ra.read(5 * MiB, 4 * KiB)
+    assert ra.read(5 * MiB, 4 * KiB) == DATA[5 * MiB : 5 * MiB + 4 * KiB]
+    ra.close()
+
+
+def test_a_handle_holds_at_most_the_window_and_the_part_being_read(
+    pool: ThreadPoolExecutor,
+) -> None:
+    rec, budget = Recorder(), ByteBudget(64 * MiB)
+    ra = make(rec, pool, budget)  # 4 MiB parts, 16 MiB window
+    pos, peak = 0, 0
+    while pos < 48 * MiB:
+        chunk = ra.read(pos, 600 * KiB)  # reads that end anywhere inside a part
+        assert chunk == DATA[pos : pos + 600 * KiB]
+        pos += len(chunk)
+        peak = max(peak, budget.used)
+    assert 16 * MiB <= peak <= 16 * MiB + 4 * MiB
+    ra.close()

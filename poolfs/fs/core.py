@@ -10,9 +10,28 @@ Caching rules (close-to-open):
 - Attributes and directory listings are cached for `metadata_ttl` seconds; our own changes
   update the caches at once. `open` always asks the store (one GET that both revalidates and
   returns the first block), so a file opened after another node's close sees the new content.
+  Two exceptions keep that bound: a first block fetched ahead (by the lookup of the file, or
+  by a directory walk) is used by an open for reading if it is younger than `metadata_ttl`;
+  and a reopen of a path whose previous open may have left the version in the kernel's page
+  cache revalidates with a HEAD and no bytes (see "Kernel page cache").
+- A lookup that finds a file fetches its first block with the same GET that tells it is a
+  file (instead of a HEAD), so the open that usually follows needs no request. The table of
+  blocks fetched ahead is bounded (`_AHEAD_MAX` entries) and an entry dies with any change
+  of its path.
 - getattr of a name in a freshly listed directory is served from the listing: `ls -l` costs
   LIST requests only. Such entries carry the size and LastModified of the listing plus any
   POSIX metadata this mount has read for the same version.
+
+Kernel page cache (FOPEN_KEEP_CACHE; without it the kernel drops a file's pages at each open):
+- `_kept[path]` is the etag whose bytes the kernel may hold for `path`: set by an open for
+  reading when every reader of the path open at that moment pins that same etag, dropped by
+  every recorded change of the path (`_set_node`: upload, unlink, rename, setattr), by a
+  rename of a directory above it, and by any open while a staged (written) file exists.
+- An open for reading keeps the cache only if its pinned etag equals `_kept[path]` and every
+  open reader of the path pins that etag too: the page cache is shared by all handles of an
+  inode, so a handle of another version could have filled it with its bytes.
+- So a reader sees the kernel's cached bytes only for the version it pinned at open, and the
+  pinned version is at most `metadata_ttl` old (see above): never stale bytes beyond the TTL.
 """
 
 from __future__ import annotations
@@ -60,6 +79,10 @@ _RELIST_WINDOW = 60.0
 _CHANGE_LOG_MAX = 20_000
 # Opens that walk a listed directory in name order fetch this many next small files ahead.
 _WALK_AHEAD = 8
+# First blocks fetched ahead (walks, lookups) kept at once: at most this many first_blocks.
+_AHEAD_MAX = 32
+# Paths whose kernel-cached version is remembered (`_kept`).
+_KEPT_MAX = 16_384
 
 
 def _block_signals() -> None:
@@ -82,6 +105,7 @@ class _Handle:
     reader: PinnedReader | None
     writable: bool
     append: bool
+    keep_cache: bool = False
 
 
 class PoolFS:
@@ -107,6 +131,8 @@ class PoolFS:
         )
         self._staged: dict[str, StagedFile] = {}
         self._readers: dict[str, set[PinnedReader]] = {}
+        # path -> etag the kernel may cache for it (see "Kernel page cache" above).
+        self._kept: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._logged: set[str] = set()
@@ -232,6 +258,7 @@ class PoolFS:
                 else:
                     parent.children[name] = node
             ahead = self._ahead.pop(path_to_key(path), None)
+            self._kept.pop(path, None)
         if ahead is not None:
             ahead[0].cancel()
 
@@ -242,6 +269,8 @@ class PoolFS:
                 del self._nodes[p]
             for p in [p for p in self._listings if p == path or p.startswith(prefix)]:
                 del self._listings[p]
+            for p in [p for p in self._kept if p == path or p.startswith(prefix)]:
+                del self._kept[p]
 
     def _stored(self, sf: StagedFile, info: ObjectInfo) -> None:
         """Callback after an upload: the store now holds `info` for `sf`."""
@@ -309,16 +338,19 @@ class PoolFS:
     def _resolve(self, path: str, key: str) -> Node | None:
         """Ask the store what `path` is: marker, implicit directory, file or nothing.
 
-        The three requests go out in parallel; a directory wins over a same-named object.
+        The three requests go out in parallel; a directory wins over a same-named object. The
+        file's request is a GET of its first block, kept for the open that usually follows a
+        lookup (`_take_ahead`): an open then costs no round trip of its own.
         """
         marker = dir_marker(key)
         f_marker = self._executor.submit(self.store.head, marker)
         f_below = self._executor.submit(self.store.any_below, marker)
+        started = time.monotonic()
         try:
             try:
-                file_info: ObjectInfo | None = self.store.head(key)
+                first, file_info = self.store.get_range(key, 0, self.config.first_block)
             except NotFound:
-                file_info = None
+                first, file_info = b"", None
             try:
                 return self._dir_node(f_marker.result(), marker)
             except NotFound:
@@ -329,7 +361,13 @@ class PoolFS:
                         "shadow:" + key, "object %r is shadowed by directory %r", key, marker
                     )
                 return self._dir_node(None, marker)
-            return self._file_node(file_info) if file_info is not None else None
+            if file_info is None:
+                return None
+            done: Future[tuple[bytes, ObjectInfo]] = Future()
+            done.set_result((first, file_info))
+            with self._lock:
+                self._put_ahead(key, done, started)
+            return self._file_node(file_info)
         except StoreError as exc:
             raise from_store(exc, "lookup", path) from exc
         finally:
@@ -602,24 +640,42 @@ class PoolFS:
             sf = self._staged.get(path)
             if sf is not None and not sf.unlinked:
                 sf.refs += 1
+                # Handles of a staged file read (and write) bytes the store does not have.
+                self._kept.pop(path, None)
             else:
                 sf = None
+            kept = self._kept.get(path)
         if sf is None:
+            reading = not writable and not flags & os.O_TRUNC
             # A writer's base version must be the current one: only readers use blocks
             # fetched ahead (and a writer drops the one it finds).
             fetched = self._take_ahead(key)
-            if writable or flags & os.O_TRUNC:
+            if not reading:
                 fetched = None
-            info, first = fetched if fetched is not None else self._open_fetch(path, key)
+            if fetched is not None:
+                info, first = fetched
+            elif reading and kept is not None:
+                # The kernel may still hold this version's pages: ask for no bytes.
+                info, first = self._open_fetch(path, key, head=True)
+            else:
+                info, first = self._open_fetch(path, key)
             if not writable:
                 self._walk_ahead(path)
             node = self._file_node(info)
             self._set_node(path, node)
-            if not writable and not flags & os.O_TRUNC:
+            if reading:
                 reader = PinnedReader(self._ctx, path, key, info, first)
                 with self._lock:
-                    self._readers.setdefault(path, set()).add(reader)
-                return self._new_fh(_Handle(path, None, reader, False, False))
+                    readers = self._readers.setdefault(path, set())
+                    one_version = all(r.info.etag == info.etag for r in readers)
+                    readers.add(reader)
+                    keep = one_version and kept == info.etag
+                    if one_version:
+                        self._kept[path] = info.etag
+                        self._kept.move_to_end(path)
+                        while len(self._kept) > _KEPT_MAX:
+                            self._kept.popitem(last=False)
+                return self._new_fh(_Handle(path, None, reader, False, False, keep))
             with self._lock:
                 sf = self._staged.get(path)
                 if sf is None or sf.unlinked:
@@ -671,11 +727,21 @@ class PoolFS:
                 and listing.children[n].size <= self.config.first_block
                 and prefix + n not in self._ahead
             ]
-            for stale in [k for k, (_, t) in self._ahead.items() if now - t > self._ttl_ahead]:
-                self._ahead.pop(stale)[0].cancel()
             for key in keys:
                 fut = self._executor.submit(self.store.get_range, key, 0, self.config.first_block)
-                self._ahead[key] = (fut, now)
+                self._put_ahead(key, fut, now)
+
+    def _put_ahead(self, key: str, fut: Future[tuple[bytes, ObjectInfo]], started: float) -> None:
+        """Remember a first block fetched ahead (lock held); drops stale and oldest entries."""
+        old = self._ahead.pop(key, None)
+        if old is not None:
+            old[0].cancel()
+        self._ahead[key] = (fut, started)
+        now = time.monotonic()
+        for stale in [k for k, (_, t) in self._ahead.items() if now - t > self._ttl_ahead]:
+            self._ahead.pop(stale)[0].cancel()
+        while len(self._ahead) > _AHEAD_MAX:
+            self._ahead.pop(next(iter(self._ahead)))[0].cancel()
 
     @property
     def _ttl_ahead(self) -> float:
@@ -696,10 +762,14 @@ class PoolFS:
             return None
         return info, data
 
-    def _open_fetch(self, path: str, key: str) -> tuple[ObjectInfo, bytes]:
-        """One GET that revalidates the object and returns its first block."""
+    def _open_fetch(self, path: str, key: str, *, head: bool = False) -> tuple[ObjectInfo, bytes]:
+        """One GET that revalidates the object and returns its first block (head: one HEAD,
+        no bytes)."""
         try:
-            data, info = self.store.get_range(key, 0, self.config.first_block)
+            if head:
+                data, info = b"", self.store.head(key)
+            else:
+                data, info = self.store.get_range(key, 0, self.config.first_block)
         except NotFound:
             # A directory (implicit or marker) has no object of its own.
             if self.getattr(path).is_dir:
@@ -709,6 +779,11 @@ class PoolFS:
         except StoreError as exc:
             raise from_store(exc, "open", path) from exc
         return info, data
+
+    def keep_cache(self, fh: int) -> bool:
+        """Whether the kernel may keep the file's cached pages for this open (they are of the
+        version the handle pinned); see "Kernel page cache" in the module docstring."""
+        return self._handle(fh).keep_cache
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)

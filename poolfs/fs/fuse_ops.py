@@ -23,6 +23,8 @@ Settings and why (the mount options are in `serve`, the connection and library s
   the kernel caps it at the INIT reply's max_readahead (128 KiB) when that reply arrives, and it
   sends nothing else before. Needs root; otherwise the default stays and the mount works.
 - attr/entry timeouts = metadata_ttl: the kernel caches what our own cache would answer anyway.
+- keep_cache on open when the core says the kernel's cached pages are of the version the
+  handle pinned (PoolFS.keep_cache): a re-read of an unchanged file is served by the kernel.
 - `use_ino` with inode numbers derived from the path: the kernel forgets a FUSE inode as soon
   as its dentry is unused past entry_timeout, and libfuse then numbers the next lookup anew.
   Tools that compare st_ino over time (GNU cp/mv "replaced while being copied", tar, find)
@@ -395,6 +397,8 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
     def open(self, path: str, fi: Any) -> int:
         self._after_init()
         fi.fh = self.fs.open(path, fi.flags)
+        # Without keep_cache the kernel drops the file's cached pages at every open.
+        fi.keep_cache = 1 if self.fs.keep_cache(fi.fh) else 0
         return 0
 
     @_errors

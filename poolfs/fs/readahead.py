@@ -3,8 +3,16 @@
 Rules (tests/test_readahead.py checks each):
 - A read at the offset where the previous read ended is sequential. Sequential reads grow a
   window (doubling from 2 parts up to `max_window`) of parallel part fetches ahead of the reader.
+  A part that would end beyond the window waits for a later read (except the part right at the
+  reader), so a handle holds at most the window plus the part it is reading.
+  The first read of a handle (at offset 0) opens the window only if it needs bytes that are not
+  cached yet: a read served by the block seeded at open (`head -c`, a file's magic number, a
+  small file) starts no prefetch, so the time to first byte carries no parallel part GETs.
 - Any other read is random: it fetches only the asked range, at least `min_block`, and resets
   the window.
+- A read that must wait for bytes nobody is fetching yet fetches (the first such range) in the
+  calling thread instead of handing it to the executor and waiting: one thread hop less per
+  random read. Such an extent is visible to other readers as a running future.
 - Prefetched parts reserve bytes from a `ByteBudget` shared by every handle of the mount; when
   the budget is exhausted, prefetch stops (the reader still gets what it asks for). Parts behind
   the reader are dropped at once, so memory is bounded by the budget plus in-flight demand reads.
@@ -87,6 +95,7 @@ class ReadAhead:
         self._min_block = min_block
         self._extents: list[_Extent] = []
         self._next = 0  # where a sequential read would start
+        self._started = False  # a read was made (the first read is special, see the rules)
         self._window = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -102,16 +111,22 @@ class ReadAhead:
         if offset >= end:
             return b""
         with self._lock:
-            sequential = offset == self._next
+            sequential = offset == self._next and (self._started or not self._cached(offset, end))
+            self._started = True
             if sequential:
                 self._window = min(max(self._window * 2, 2 * self._part), self._max_window)
             else:
                 self._window = 0
             self._next = end
-            needed = self._cover(offset, end, sequential)
+            needed, own = self._cover(offset, end)
             if sequential:
                 self._prefetch(end)
             self._trim(offset, sequential)
+        if own is not None:
+            try:
+                own.future.set_result(self._fetch(own.start, own.end))
+            except BaseException as exc:
+                own.future.set_exception(exc)
         chunks: list[bytes] = []
         for ext in needed:
             data = ext.future.result()
@@ -137,11 +152,26 @@ class ReadAhead:
     def _find(self, pos: int) -> _Extent | None:
         for ext in self._extents:
             if ext.start <= pos < ext.end and not ext.future.cancelled():
+                fut = ext.future
+                if fut.done() and fut.exception() is not None:
+                    continue  # a failed fetch is tried again by the next read, not replayed
                 return ext
         return None
 
-    def _cover(self, start: int, end: int, sequential: bool) -> list[_Extent]:
+    def _cached(self, start: int, end: int) -> bool:
+        pos = start
+        while pos < end:
+            ext = self._find(pos)
+            if ext is None:
+                return False
+            pos = ext.end
+        return True
+
+    def _cover(self, start: int, end: int) -> tuple[list[_Extent], _Extent | None]:
+        """Extents covering [start, end), making the missing ones; the first new extent is
+        returned apart: the caller fetches it in its own thread."""
         needed: list[_Extent] = []
+        own: _Extent | None = None
         pos = start
         while pos < end:
             ext = self._find(pos)
@@ -152,11 +182,21 @@ class ReadAhead:
                 nxt = self._next_start(pos)
                 if nxt is not None and nxt < ext_end:
                     ext_end = nxt
-                ext_start = pos
-                ext = self._submit(ext_start, ext_end, reserved=0)
+                if own is None:
+                    ext = own = self._claim(pos, ext_end)
+                else:
+                    ext = self._submit(pos, ext_end, reserved=0)
             needed.append(ext)
             pos = ext.end
-        return needed
+        return needed, own
+
+    def _claim(self, start: int, end: int) -> _Extent:
+        """An extent the calling thread fetches itself (its future runs until it is done)."""
+        fut: Future[bytes] = Future()
+        fut.set_running_or_notify_cancel()
+        ext = _Extent(start, end, fut, 0)
+        self._extents.append(ext)
+        return ext
 
     def _next_start(self, pos: int) -> int | None:
         starts = [e.start for e in self._extents if e.start > pos]
@@ -171,6 +211,9 @@ class ReadAhead:
         return ext
 
     def _prefetch(self, pos: int) -> None:
+        # Parts that end beyond the window wait for the next read, except the one right at
+        # the reader: memory stays at most the window plus the part being read.
+        first = pos
         limit = min(pos + self._window, self._size)
         while pos < limit:
             ext = self._find(pos)
@@ -181,6 +224,8 @@ class ReadAhead:
             nxt = self._next_start(pos)
             if nxt is not None and nxt < part_end:
                 part_end = nxt
+            if part_end > limit and pos > first:
+                return
             if not self._budget.try_acquire(part_end - pos):
                 return
             self._submit(pos, part_end, reserved=part_end - pos)
