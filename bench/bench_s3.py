@@ -257,6 +257,7 @@ class Bench:
         self.secrets_dir: Path | None = None  # s3fs passwd file and rclone config (mode 0700)
         self.write_data_s: dict[str, list[float]] = {m: [] for m in MOUNTERS}
         self.write_close_s: dict[str, list[float]] = {m: [] for m in MOUNTERS}
+        self.write_rss_mib: dict[str, list[float]] = {m: [] for m in MOUNTERS}
         self.rss_before_mib: list[float] = []  # poolfs, just before the seq read
         self.loads: list[str] = []
         n, fs_, par = args.entries, _size(self.file_size), _size(self.par_size)
@@ -825,10 +826,12 @@ class Bench:
         name = f"{kind}-{run}.bin"
         with self.mounted(kind, f"write-{run}") as m:
             self.drop_caches()
-            with self.meter(m.pid) as t:
+            # 20 ms samples: the sampler's CPU counts as client CPU; RSS here moves slowly.
+            with RssSampler(m.pid, 0.02) as rss, self.meter(m.pid) as t:
                 written, close_s = self.copy_source_to(m.path / "write" / name)
         _expect(written, self.size, "bytes written")
         self.write_close_s[kind].append(close_s)
+        self.write_rss_mib[kind].append(rss.peak_kib / 1024)
         self.write_data_s[kind].append(t.wall - close_s)
         key = f"{PREFIX}write/{name}"
         _expect(self.client.head_object(Bucket=BUCKET, Key=key)["ContentLength"], self.size, key)
@@ -1174,7 +1177,8 @@ class Bench:
                 lines.append(
                     f"- {kind} seq write, time in write(2) calls / in close(2): "
                     f"{statistics.median(self.write_data_s[kind]):.2f} s / "
-                    f"{statistics.median(self.write_close_s[kind]):.2f} s (median)"
+                    f"{statistics.median(self.write_close_s[kind]):.2f} s (median); daemon RSS "
+                    f"peak {statistics.median(self.write_rss_mib[kind]):.0f} MiB (median)"
                 )
         lines.append("- per run (in order):")
         for w in self.workloads:

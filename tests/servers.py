@@ -9,6 +9,9 @@ benchmark scripts can use them directly).
   keep-alive connections clients hold, so a stopped server refuses connections instead of
   answering on old sockets. Every request is counted by S3 operation name
   (`request_counts()`), classified from method, path and query (path-style addressing).
+  `fail_requests({"UploadPart": 500})` makes the server answer every request of those
+  operations with that status (an S3 error body, request body not read) until
+  `fail_requests({})`: a store that fails one kind of request, as a real outage may.
   All MotoServers of one process share the same data (moto's backends are global).
 - `SeaweedServer`: `weed mini` (master, volume, filer and S3 in one process; starts in about
   a second, where `weed server -s3` needs ~3.5 s and 25 s to stop) with every port chosen
@@ -176,12 +179,14 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class _CountingApp:
-    """WSGI middleware that counts requests by S3 operation before moto sees them."""
+    """WSGI middleware that counts requests by S3 operation before moto sees them, and
+    fails the operations named in `failures` (operation -> HTTP status)."""
 
     def __init__(self, app: WSGIApp) -> None:
         self._app = app
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.failures: dict[str, int] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         headers = {
@@ -197,6 +202,21 @@ class _CountingApp:
         )
         with self._lock:
             self.counts[operation] += 1
+            status = self.failures.get(operation)
+        if status is not None:
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                b"<Message>injected by the test</Message></Error>"
+            )
+            start_response(
+                f"{status} Injected",
+                [
+                    ("Content-Type", "application/xml"),
+                    ("Content-Length", str(len(body))),
+                    ("Connection", "close"),
+                ],
+            )
+            return [body]
         return self._app(environ, start_response)
 
 
@@ -337,6 +357,11 @@ class MotoServer:
     def reset_counts(self) -> None:
         with self._app._lock:
             self._app.counts.clear()
+
+    def fail_requests(self, failures: Mapping[str, int]) -> None:
+        """Answer requests of these operations with these HTTP statuses from now on."""
+        with self._app._lock:
+            self._app.failures = dict(failures)
 
     def __enter__(self) -> Self:
         self.start()

@@ -221,6 +221,119 @@ def test_put_file(store: Store, tmp_path: Path, size: int) -> None:
     assert store.get_range("big/file.bin", 0, None)[0] == data
 
 
+def test_begin_upload_where_supported(store: Store, kind: str) -> None:
+    upload = store.begin_upload("f", {"mode": "600"})
+    if kind in ("mem", "file"):
+        assert upload is None  # such stores take the whole file at close (put_file)
+        return
+    assert upload is not None
+    assert (upload.key, upload.min_part_size, upload.max_parts) == ("f", 5 * MiB, 10_000)
+    upload.abort()  # nothing was sent: nothing to abort, no request
+
+
+def _uploads(bucket: S3Bucket, prefix: str) -> list[str]:
+    found = bucket.client.list_multipart_uploads(Bucket=bucket.name, Prefix=prefix)
+    return [u["Key"] for u in found.get("Uploads", [])]
+
+
+@pytest.mark.parametrize("server", S3_STORES)
+def test_s3_streamed_upload(request: pytest.FixtureRequest, server: str, tmp_path: Path) -> None:
+    bucket, prefix = _s3_bucket(server, request)
+    store = open_store(f"{bucket.store_url}/{prefix}", bucket.options(**SMALL_PARTS))
+    store.put_bytes("f", b"previous", {})
+    staging = tmp_path / "staging"
+    data = bytearray(os.urandom(11 * MiB + 77))
+    staging.write_bytes(b"\0" * len(data))
+    upload = store.begin_upload("f", {"mode": "600"})
+    assert upload is not None
+    with open(staging, "r+b") as f:
+        fd = f.fileno()
+        # Parts in any order; a part put again counts with its last bytes.
+        os.pwrite(fd, data, 0)
+        upload.put_part(2, fd, 5 * MiB, 5 * MiB)
+        upload.put_part(1, fd, 0, 5 * MiB)
+        data[10:20] = b"0123456789"
+        os.pwrite(fd, data, 0)
+        upload.put_part(1, fd, 0, 5 * MiB)
+        upload.put_part(3, fd, 10 * MiB, len(data) - 10 * MiB)
+        # Nothing is published before complete().
+        assert _uploads(bucket, prefix) == [f"{prefix}f"]
+        assert store.get_range("f", 0, None)[0] == b"previous"
+        info = upload.complete(3)
+    assert (info.key, info.size, info.metadata) == ("f", len(data), {"mode": "600"})
+    head = store.head("f")
+    assert (head.size, head.etag, head.metadata) == (len(data), info.etag, {"mode": "600"})
+    assert head.last_modified_ns == info.last_modified_ns  # a streamed file's mtime
+    assert store.get_range("f", 0, None)[0] == bytes(data)
+    assert _uploads(bucket, prefix) == []
+
+    # complete(n) publishes parts 1..n only; a part put beyond them is dropped.
+    upload = store.begin_upload("g", {})
+    assert upload is not None
+    with open(staging, "rb") as f:
+        for number in (1, 2, 3):
+            upload.put_part(number, f.fileno(), (number - 1) * 5 * MiB, 5 * MiB)
+        assert upload.complete(2).size == 10 * MiB
+    assert store.get_range("g", 0, None)[0] == bytes(data[: 10 * MiB])
+    assert _uploads(bucket, prefix) == []
+    store.close()
+
+
+@pytest.mark.parametrize("server", S3_STORES)
+def test_s3_streamed_upload_abort(
+    request: pytest.FixtureRequest, server: str, tmp_path: Path
+) -> None:
+    bucket, prefix = _s3_bucket(server, request)
+    store = open_store(f"{bucket.store_url}/{prefix}", bucket.options(**SMALL_PARTS))
+    staging = tmp_path / "staging"
+    staging.write_bytes(os.urandom(5 * MiB))
+    upload = store.begin_upload("f", {})
+    assert upload is not None
+    with open(staging, "rb") as f:
+        upload.put_part(1, f.fileno(), 0, 5 * MiB)
+    assert _uploads(bucket, prefix) == [f"{prefix}f"]
+    upload.abort()
+    upload.abort()
+    assert _uploads(bucket, prefix) == []
+    with pytest.raises(NotFound):
+        store.head("f")
+    # A part missing at complete(): StoreError, and the upload is aborted.
+    upload = store.begin_upload("f", {})
+    assert upload is not None
+    with open(staging, "rb") as f:
+        upload.put_part(2, f.fileno(), 0, 5 * MiB)
+    with pytest.raises(StoreError) as info:
+        upload.complete(2)
+    assert info.value.key == "f"
+    assert _uploads(bucket, prefix) == []
+    store.close()
+
+
+def test_s3_streamed_upload_failures_map_and_abort(moto_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = open_store(f"{moto_bucket.store_url}/p/", moto_bucket.options(**SMALL_PARTS))
+    assert isinstance(store, S3Store)
+    staging = tmp_path / "staging"
+    staging.write_bytes(os.urandom(5 * MiB))
+    _fail_on(store, "CreateMultipartUpload", lambda params: params["Key"] == "p/nocreate")
+    upload = store.begin_upload("nocreate", {})
+    assert upload is not None
+    with open(staging, "rb") as f, pytest.raises(Transient) as info:
+        upload.put_part(1, f.fileno(), 0, 5 * MiB)
+    assert info.value.key == "nocreate"
+    _fail_on(store, "CompleteMultipartUpload", lambda params: True)
+    upload = store.begin_upload("f", {})
+    assert upload is not None
+    with open(staging, "rb") as f:
+        upload.put_part(1, f.fileno(), 0, 5 * MiB)
+    with pytest.raises(Transient):
+        upload.complete(1)
+    assert moto_bucket.client.list_multipart_uploads(Bucket=moto_bucket.name).get("Uploads") in (
+        None,
+        [],
+    )
+    store.close()
+
+
 def test_set_metadata(store: Store) -> None:
     put = store.put_bytes("m", b"content", {"mode": "644"})
     changed = store.set_metadata("m", {"mode": "600", "mtime": "5"})

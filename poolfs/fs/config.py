@@ -37,3 +37,7 @@ class FSConfig(BaseModel):
     # All read-ahead buffers of the mount together stay below this.
     readahead_budget: int = Field(default=64 * MiB, ge=MiB)
     io_threads: int = Field(default=16, ge=1, le=256)
+    # Sequential writes: completed parts (part_size, at least the store's minimum part) are
+    # uploaded while the file is still written, at most this many at a time per file;
+    # 0 uploads the whole file at close instead.
+    upload_parts_in_flight: int = Field(default=4, ge=0, le=64)

@@ -874,8 +874,9 @@ class PoolFS:
             with self._lock:
                 sf = self._staged.get(path)
                 if sf is not None:
-                    sf.unlinked = True
                     del self._staged[path]
+            if sf is not None:
+                sf.unlink()
             stored = sf is None or not sf.new
             if stored:
                 self._dir_changed(parent_path(path), strict=True)
@@ -932,9 +933,12 @@ class PoolFS:
         with self._lock:
             replaced = self._staged.pop(new, None)
         if replaced is not None:
-            replaced.unlinked = True
+            replaced.unlink()
+        # A file streamed while written has no stored mtime (its LastModified stands for it,
+        # see files.py), and the copy gets a new LastModified: pin the mtime it showed.
+        meta = encode_meta(src.mode, src.mtime_ns, src.atime_ns) if src.has_meta else None
         try:
-            info = self.store.copy(old_key, new_key)
+            info = self.store.copy(old_key, new_key, meta)
             self.store.delete(old_key)
         except StoreError as exc:
             raise from_store(exc, "rename", old) from exc

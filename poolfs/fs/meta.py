@@ -2,7 +2,8 @@
 
 Stored keys (all values ASCII): `poolfs-mode` (octal permission bits), `poolfs-mtime` and
 `poolfs-atime` (integer nanoseconds since the epoch). Objects without them (written by other
-tools) show the store's LastModified and default modes.
+tools) show the store's LastModified and default modes. An object with `poolfs-mode` but no
+`poolfs-mtime` was streamed while written: its mtime is its LastModified (whole seconds).
 
 Paths are the FUSE paths ("/a/b"); keys are store keys relative to the pool root ("a/b");
 the marker of directory "/a/b" is "a/b/" and the root's is "".
@@ -46,24 +47,28 @@ class Node:
         return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
 
 
-def encode_meta(mode: int, mtime_ns: int, atime_ns: int) -> dict[str, str]:
-    return {
-        MODE_KEY: format(mode & 0o7777, "o"),
-        MTIME_KEY: str(mtime_ns),
-        ATIME_KEY: str(atime_ns),
-    }
+def encode_meta(mode: int, mtime_ns: int | None, atime_ns: int) -> dict[str, str]:
+    """mtime None: the object's LastModified stands for it (see `decode_meta`)."""
+    meta = {MODE_KEY: format(mode & 0o7777, "o"), ATIME_KEY: str(atime_ns)}
+    if mtime_ns is not None:
+        meta[MTIME_KEY] = str(mtime_ns)
+    return meta
 
 
 def decode_meta(
     metadata: Mapping[str, str] | None, last_modified_ns: int, default_mode: int
 ) -> tuple[int, int, int, bool]:
-    """(mode, mtime_ns, atime_ns, has_meta); malformed values fall back to the defaults."""
+    """(mode, mtime_ns, atime_ns, has_meta); malformed values fall back to the defaults.
+
+    Without `poolfs-mtime` (a file streamed to the store while it was written, see
+    files.StagedFile) the mtime is the object's LastModified; without `poolfs-atime`, the mtime.
+    """
     if not metadata:
         return default_mode, last_modified_ns, last_modified_ns, False
     try:
         mode = int(metadata[MODE_KEY], 8) & 0o7777
-        mtime = int(metadata[MTIME_KEY])
-        atime = int(metadata.get(ATIME_KEY, metadata[MTIME_KEY]))
+        mtime = int(metadata[MTIME_KEY]) if MTIME_KEY in metadata else last_modified_ns
+        atime = int(metadata[ATIME_KEY]) if ATIME_KEY in metadata else mtime
     except (KeyError, ValueError):
         return default_mode, last_modified_ns, last_modified_ns, False
     return mode, mtime, atime, True

@@ -24,6 +24,7 @@ from poolfs.stores.base import (
     Throttled,
     TooLarge,
     Transient,
+    Upload,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Throttled",
     "TooLarge",
     "Transient",
+    "Upload",
     "open_store",
     "parse_store_url",
 ]

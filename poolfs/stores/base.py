@@ -11,6 +11,9 @@ Invariants every store keeps (the contract suite in tests/test_store_contract.py
 - User metadata is a flat `dict[str, str]` of lowercase ASCII keys and ASCII values.
 - Every failure is one of the `StoreError` kinds below; retries happen inside the store, so a
   `Transient` error means retries already ran out (bounded total time).
+- Streamed uploads (`begin_upload`, optional per store) publish nothing until `complete()`:
+  until then the key keeps its old object. An `Upload` that is neither completed nor aborted
+  may leave parts in the store; its owner must end every one it begins.
 """
 
 from __future__ import annotations
@@ -83,6 +86,37 @@ class ListPage:
     prefixes: tuple[str, ...]
 
 
+class Upload(abc.ABC):
+    """An object being uploaded in numbered parts while its bytes are still being written.
+
+    Parts are numbered from 1 and streamed from a file descriptor (`os.pread`, no part-sized
+    buffers). A part may be put again (the last put of a number counts) but never twice at
+    the same time. Every part but the last must be at least `min_part_size` bytes; there are
+    at most `max_parts`. Objects smaller than `min_object_size` are better stored with one
+    `put_bytes`/`put_file`: the caller aborts the upload and does that instead. Thread-safe.
+    """
+
+    key: str
+    min_part_size: int
+    max_parts: int
+    min_object_size: int
+
+    @abc.abstractmethod
+    def put_part(self, number: int, fd: int, offset: int, length: int) -> None:
+        """Store bytes [offset, offset + length) of `fd` as part `number`."""
+
+    @abc.abstractmethod
+    def complete(self, parts: int) -> ObjectInfo:
+        """Publish parts 1..`parts` (each as last put) as the object, atomically; returns its
+        info, with `last_modified_ns` as `head` reports it when the store can tell. On failure
+        the upload is aborted and the StoreError raised."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the upload and its parts; never raises (a failed abort is logged).
+        Call it only when no `put_part` is running."""
+
+
 class Store(abc.ABC):
     """A blob store holding one pool. Thread-safe: the filesystem calls it from many threads."""
 
@@ -136,6 +170,12 @@ class Store(abc.ABC):
         With delimiter "/", keys deeper than one level are folded into `prefixes`;
         with delimiter None every key below the prefix is listed.
         """
+
+    def begin_upload(self, key: str, metadata: Mapping[str, str]) -> Upload | None:
+        """A streamed upload of `key` carrying `metadata`, or None if this store has none
+        (then the whole file goes through `put_file`). Sends nothing yet: the store may start
+        the upload with the first part."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, default is nothing to release
         """Release connections and thread pools."""

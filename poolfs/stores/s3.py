@@ -51,11 +51,14 @@ Invariants a newcomer must keep:
   (`request_checksum_calculation="when_required"`, botocore's default before 1.36):
   aws-chunked trailing checksums are not understood by every S3-compatible server.
 - Large files: `put_file` uploads below `multipart_threshold` with one PutObject, above it in
-  parallel parts (`_put_multipart`, measured as fast as s3transfer's managed upload). A failed
-  multipart upload is aborted; if the abort itself fails (the store is down) the upload id is
-  logged, and a bucket lifecycle rule (AbortIncompleteMultipartUpload) is what reclaims the
-  parts. Copies of sources of `single_copy_limit` or more use s3transfer's managed parallel
-  part copy, so each request stays short and > 5 GiB sources work.
+  parallel parts (`_put_multipart`, measured as fast as s3transfer's managed upload).
+  `begin_upload` hands out the same multipart machinery (`_S3Upload`) to a caller that feeds
+  parts while the file is still being written; user metadata is fixed at its
+  CreateMultipartUpload. A failed multipart upload is aborted; if the abort itself fails
+  (the store is down) the upload id is logged, and a bucket lifecycle rule
+  (AbortIncompleteMultipartUpload) is what reclaims the parts. Copies of sources of
+  `single_copy_limit` or more use s3transfer's managed parallel part copy, so each request
+  stays short and > 5 GiB sources work.
 - Directory markers on SeaweedFS (measured with 4.48): `dir/` keys become filer directories,
   which drop user metadata (HEAD shows `{}`) and cannot be a CopyObject source. The store
   rewrites empty markers with PUT instead of copying them, so set_metadata and copy work;
@@ -72,6 +75,7 @@ import datetime
 import email.utils
 import logging
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -98,6 +102,7 @@ from poolfs.stores.base import (
     Throttled,
     TooLarge,
     Transient,
+    Upload,
 )
 from poolfs.stores.s3wire import LeanS3, ListResult, Unsupported, address_for
 
@@ -571,43 +576,28 @@ class S3Store(Store):
         SeaweedFS on 127.0.0.1, 8 MiB parts, 8 in parallel, median of 6 runs: own 173 MB/s,
         managed 173 MB/s, 0.35 s client CPU each; the server is the bottleneck), and this
         needs no HEAD afterwards, streams each part from the file with pread (no part
-        buffers in memory) and aborts explicitly.
+        buffers in memory) and aborts explicitly. The parts go through the same `_S3Upload`
+        as a streamed upload (`begin_upload`).
         """
         chunk = max(self.options.multipart_chunksize, -(-size // _MAX_PARTS))
         count = -(-size // chunk)
-        try:
-            upload_id = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=s3key, Metadata=meta
-            )["UploadId"]
-        except _BOTO_ERRORS as exc:
-            self._fail("put", key, exc)
+        upload = _S3Upload(self, key, s3key, meta)
+        upload.start()
         fd = source.fileno()
 
-        def upload_part(number: int) -> CompletedPartTypeDef:
+        def upload_part(number: int) -> None:
             offset = (number - 1) * chunk
-            response = self._client.upload_part(
-                Bucket=self.bucket,
-                Key=s3key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=_PartView(fd, offset, min(chunk, size - offset)),  # type: ignore[arg-type]
-            )
-            return {"PartNumber": number, "ETag": response["ETag"]}
+            upload.put_part(number, fd, offset, min(chunk, size - offset))
 
         try:
-            parts = _run_parallel(upload_part, range(1, count + 1), self.options.max_concurrency)
-            response = self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=s3key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException as exc:
-            self._abort_upload(key, s3key, upload_id)
-            if isinstance(exc, _BOTO_ERRORS):
-                self._fail("put", key, exc)
+            _run_parallel(upload_part, range(1, count + 1), self.options.max_concurrency)
+        except BaseException:
+            upload.abort()
             raise
-        return ObjectInfo(key, size, _unquote(response["ETag"]), _response_time_ns(response), meta)
+        return upload.complete(count)
+
+    def begin_upload(self, key: str, metadata: Mapping[str, str]) -> Upload:
+        return _S3Upload(self, key, self._writable_key(key), dict(metadata), streamed=True)
 
     def _abort_upload(self, key: str, s3key: str, upload_id: str) -> None:
         try:
@@ -783,6 +773,118 @@ class S3Store(Store):
         self._client.close()
 
 
+class _S3Upload(Upload):
+    """One S3 multipart upload: CreateMultipartUpload with the first part (or `start`),
+    UploadPart per part, CompleteMultipartUpload or AbortMultipartUpload at the end.
+
+    Each request is bounded like every other request of the store; errors go through
+    `_map_error`. A failed create is remembered, so parallel parts fail fast instead of
+    each spending the time budget on it again.
+    """
+
+    def __init__(
+        self, store: S3Store, key: str, s3key: str, meta: dict[str, str], *, streamed: bool = False
+    ) -> None:
+        self.key = key
+        self._streamed = streamed
+        self.min_part_size = 5 * 1024 * 1024
+        self.max_parts = _MAX_PARTS
+        self.min_object_size = store.options.multipart_threshold
+        self._store = store
+        self._s3key = s3key
+        self._meta = meta
+        self._lock = threading.Lock()
+        self._upload_id: str | None = None
+        self._start_error: StoreError | None = None
+        self._ended = False
+        self._parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, length)
+
+    def start(self) -> str:
+        """The upload id; creates the upload on first use."""
+        with self._lock:
+            if self._ended:
+                raise StoreError(f"s3 put {self._store._where(self.key)}: upload ended", self.key)
+            if self._start_error is not None:
+                raise self._start_error
+            if self._upload_id is None:
+                store = self._store
+                try:
+                    self._upload_id = store._client.create_multipart_upload(
+                        Bucket=store.bucket, Key=self._s3key, Metadata=self._meta
+                    )["UploadId"]
+                except _BOTO_ERRORS as exc:
+                    self._start_error = _map_error("put", store._where(self.key), self.key, exc)
+                    raise self._start_error from exc
+            return self._upload_id
+
+    def put_part(self, number: int, fd: int, offset: int, length: int) -> None:
+        if not 1 <= number <= self.max_parts:
+            raise ValueError(f"part number {number} outside 1..{self.max_parts}")
+        upload_id = self.start()
+        store = self._store
+        try:
+            response = store._client.upload_part(
+                Bucket=store.bucket,
+                Key=self._s3key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=_PartView(fd, offset, length),  # type: ignore[arg-type]
+            )
+        except _BOTO_ERRORS as exc:
+            store._fail("put", self.key, exc)
+        with self._lock:
+            self._parts[number] = (response["ETag"], length)
+
+    def complete(self, parts: int) -> ObjectInfo:
+        store = self._store
+        with self._lock:
+            missing = [n for n in range(1, parts + 1) if n not in self._parts]
+            listed: list[CompletedPartTypeDef] = [
+                {"PartNumber": n, "ETag": self._parts[n][0]}
+                for n in range(1, parts + 1)
+                if n in self._parts
+            ]
+            size = sum(self._parts[n][1] for n in range(1, parts + 1) if n in self._parts)
+            upload_id = self._upload_id
+        if missing or upload_id is None:
+            self.abort()
+            where = store._where(self.key)
+            raise StoreError(f"s3 put {where}: parts {missing} never stored", self.key)
+        try:
+            response = store._client.complete_multipart_upload(
+                Bucket=store.bucket,
+                Key=self._s3key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": listed},
+            )
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, _BOTO_ERRORS):
+                store._fail("put", self.key, exc)
+            raise
+        with self._lock:
+            self._ended = True
+        etag = _unquote(response["ETag"])
+        info = ObjectInfo(self.key, size, etag, _response_time_ns(response), self._meta)
+        if self._streamed:
+            # The caller shows LastModified as the mtime: report it as HEAD and listings do
+            # (the response's Date may be a second off). The object is stored either way.
+            try:
+                head = store._head_raw("put", self.key, etag)
+            except StoreError as exc:
+                log.debug("s3 put %s: no HEAD after completing: %s", self.key, exc)
+            else:
+                info = store._info(self.key, size, head)
+        return info
+
+    def abort(self) -> None:
+        with self._lock:
+            upload_id, self._upload_id = self._upload_id, None
+            self._ended = True
+        if upload_id is not None:
+            self._store._abort_upload(self.key, self._s3key, upload_id)
+
+
 def _run_parallel(work: Callable[[int], _R], items: range, concurrency: int) -> list[_R]:
     """Results of `work` over `items` in order, at most `concurrency` at a time.
 
@@ -820,6 +922,11 @@ class _PartView:
         if amount < 0 or amount > left:
             amount = left
         data = os.pread(self._fd, amount, self._offset + self._pos)
+        if len(data) < amount:
+            # The file shrank under a part being sent (a streamed upload whose file was
+            # truncated; that part is stale and sent again): send the length announced in
+            # Content-Length rather than leave the server waiting for bytes until it times out.
+            data += bytes(amount - len(data))
         self._pos += len(data)
         return data
 
