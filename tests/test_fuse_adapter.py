@@ -1,9 +1,11 @@
-"""The FUSE adapter's own promises (poolfs/fs/fuse_ops.py) on real mounts of a local store.
+"""The FUSE adapter's own promises (poolfs/fs/fuse_ops.py) on real mounts (a local store; S3
+where the promise is about the S3 store's request paths).
 
 mfusepy on libfuse3 differs from fusepy in ways the shell tests would only notice by accident:
 bare readdir names get inode 0 (glibc skips them) and READDIRPLUS gets no attributes;
 renameat2 flags and the file handle of truncate are dropped; SIGTERM ends fuse_main with
-code 8; the kernel read-ahead must be set after INIT. Each has a test here.
+code 8; the kernel read-ahead must be set after INIT; reads are copied from spans of fetched
+parts; a read-only S3 mount makes no botocore client. Each has a test here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from poolfs.mounts import find_mount, pid_alive, read_worker_state, worker_state_path
-from tests.conftest import MountFactory
+from tests.conftest import Backend, MountFactory
 from tests.mountrig import POOLFS
 
 pytestmark = pytest.mark.fuse
@@ -159,3 +161,53 @@ def test_sigterm_flushes_and_exits_cleanly(tmp_path: Path) -> None:
             subprocess.run(["fusermount", "-uz", str(mp)], check=False)
         with contextlib.suppress(OSError):
             os.unlink(worker_state_path(str(mp)))
+
+
+def test_reads_return_exactly_the_bytes_at_every_offset(
+    tmp_path: Path, mounter: MountFactory
+) -> None:
+    """The adapter copies each answer from a span of a fetched part (or a join of two) into
+    libfuse's buffer: every offset and size, across parts and at EOF, gives the file's bytes."""
+    data = os.urandom(3 * 1024 * 1024 + 777)
+    size = len(data)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "f").write_bytes(data)
+    small = ["part_size=65536", "max_window=262144", "min_block=4096", "first_block=4096"]
+    m = mounter(f"file://{store}", *[a for s in small for a in ("--fs-option", s)])
+    assert (m.path / "f").read_bytes() == data
+    offsets = [0, 1, 4095, 4096, 65535, 65536 + 100, 1 << 20, size - 4096, size - 777, size - 1]
+    offsets += [size, size + 10]
+    sizes = [1, 100, 4096, 65536 + 3, 200_000, 1 << 20, 2 << 20]
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    try:
+        for offset in offsets:
+            for n in sizes:
+                # Drop the kernel's cached pages: each read reaches the adapter.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, n, offset) == data[offset : offset + n], (offset, n)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        got = bytearray()
+        while chunk := os.read(fd, 1 << 20):
+            got += chunk
+        assert got == data
+    finally:
+        os.close(fd)
+
+
+def test_read_only_s3_mount_makes_no_botocore_client(
+    s3_backend: Backend, mounter: MountFactory
+) -> None:
+    """Reading (mount check, ls -l, stat, open, read) goes over the lean S3 path only; the
+    botocore client, ~14 MiB of the worker, is made by the first write and never by reads."""
+    s3_backend.put("pool/d/f", b"0123456789" * 1000)
+    ro = mounter(s3_backend, "--read-only", name="ro")
+    assert (ro.path / "d" / "f").read_bytes() == b"0123456789" * 1000
+    assert [e.name for e in os.scandir(ro.path / "d")] == ["f"]
+    assert (ro.path / "d" / "f").stat().st_size == 10_000
+    rw = mounter(s3_backend, name="rw")
+    (rw.path / "d" / "g").write_bytes(b"new")
+    ro.umount()
+    rw.umount()
+    assert "botocore client made" not in ro.log()
+    assert "botocore client made" in rw.log()

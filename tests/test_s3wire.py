@@ -571,3 +571,48 @@ def test_logs_nothing_on_success(canned: CannedS3, caplog: pytest.LogCaptureFixt
         store.get_range("k", 0, None)
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
     store.close()
+
+
+@pytest.mark.parametrize("server", S3_STORES)
+def test_reading_makes_no_botocore_client(server: str, request: pytest.FixtureRequest) -> None:
+    """check, HEAD, GET and LIST go over the lean path only: a read-only mount never builds
+    the botocore client (~14 MiB of service model); the first write does."""
+    bucket: S3Bucket = request.getfixturevalue(
+        "moto_bucket" if server == "moto" else "seaweed_bucket"
+    )
+    url = f"{bucket.store_url}/pool-{uuid.uuid4().hex[:8]}/"
+    writer = open_store(url, bucket.options())
+    writer.put_bytes("dir/f", b"0123456789", {"mode": "644"})
+    writer.close()
+    store = open_store(url, bucket.options())
+    assert isinstance(store, S3Store)
+    try:
+        store.check()
+        assert store.head("dir/f").size == 10
+        assert store.get_range("dir/f", 2, 5)[0] == b"234"
+        assert [o.key for o in store.list_all("dir/", "/").objects] == ["dir/f"]
+        assert store.any_below("dir/")
+        with pytest.raises(NotFound):
+            store.head("missing")
+        assert store._boto is None
+        store.put_bytes("dir/g", b"x", {})
+        assert store._boto is not None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("server", S3_STORES)
+def test_check_on_the_lean_path_names_a_missing_bucket(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    bucket: S3Bucket = request.getfixturevalue(
+        "moto_bucket" if server == "moto" else "seaweed_bucket"
+    )
+    store = open_store(f"s3://nobucket-{uuid.uuid4().hex[:8]}/pool/", bucket.options())
+    assert isinstance(store, S3Store) and store.lean is not None
+    try:
+        with pytest.raises(NotFound, match="does not exist"):
+            store.check()
+        assert store._boto is None
+    finally:
+        store.close()

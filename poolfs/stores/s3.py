@@ -9,8 +9,11 @@ Invariants a newcomer must keep:
   ends in "/"). The root marker `""` is the S3 object named `prefix` itself; with an empty
   prefix there is no such object, so `has_root_marker` is False, `head("")` raises NotFound and
   writing `""` raises StoreError. Listings strip `prefix` again, so callers never see it.
-- One boto3 client per store, created in `__init__` and shared by every thread (botocore
-  clients are thread-safe; sessions are not, so the session is used only to build the client).
+- One boto3 client per store, shared by every thread (botocore clients are thread-safe;
+  sessions are not, so the session is used only to build the client, under a lock). With an
+  explicit endpoint and the lean path on, it is made at its first use (`_client`): a mount
+  that only reads (check, HEAD, GET, LIST on the lean path) never makes it, which keeps its
+  ~14 MiB service model out of the worker. Otherwise it is made in `__init__`.
   Its connection pool is sized for `max_concurrency` parallel part transfers from several
   threads at once (`_pool_size`).
 - Bounded time. Every request runs under botocore's "standard" retry mode with an attempt
@@ -297,22 +300,48 @@ class S3Store(Store):
             # Local servers (SeaweedFS, moto on 127.0.0.1) have no per-bucket DNS names.
             # Endpoints from AWS_ENDPOINT_URL(_S3) get path style from botocore itself.
             config_args["s3"] = {"addressing_style": "path"}
-        self._client: S3Client = session.client(
-            "s3",
-            endpoint_url=options.endpoint_url,
-            config=botocore.config.Config(**config_args),
+        self._session = session
+        self._client_config = botocore.config.Config(**config_args)
+        self._client_lock = threading.Lock()
+        self._boto: S3Client | None = None
+        if options.endpoint_url:
+            self.endpoint_url = options.endpoint_url
+            user_agent = session._session.user_agent()
+        else:
+            # botocore resolves AWS's endpoint (and AWS_ENDPOINT_URL*): build the client now.
+            self.endpoint_url = self._client.meta.endpoint_url
+            user_agent = str(getattr(self._client.meta.config, "user_agent", None) or "")
+        self.lean: LeanS3 | None = self._lean_path(session, region, options, user_agent)
+        if self.lean is None:
+            self._client  # noqa: B018 (every call goes to botocore: fail early, not at first use)
+        self._fallbacks_logged: set[str] = set()
+
+    @property
+    def _client(self) -> S3Client:
+        """The botocore client, made at first use: a mount that only reads never needs it
+        when the lean path serves every call (its service model is ~14 MiB of the worker)."""
+        client = self._boto
+        if client is None:
+            with self._client_lock:
+                client = self._boto
+                if client is None:
+                    client = self._boto = self._make_client()
+        return client
+
+    def _make_client(self) -> S3Client:
+        client: S3Client = self._session.client(
+            "s3", endpoint_url=self.options.endpoint_url, config=self._client_config
         )
-        self.endpoint_url = self._client.meta.endpoint_url
         # botocore sends "Expect: 100-continue" with every PUT and, when a server does not
         # answer it, waits a fixed second per attempt before sending the body. That second is
         # outside connect/read timeouts and broke the time budget (a PUT to a silent server
         # took 1.7 s with timeout=1). Small PUTs to SeaweedFS were no slower without it.
-        self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
-        self.lean: LeanS3 | None = self._lean_path(session, region, options)
-        self._fallbacks_logged: set[str] = set()
+        client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        log.info("s3 %s: botocore client made (a write, copy, delete or fallback)", self.url)
+        return client
 
     def _lean_path(
-        self, session: boto3.session.Session, region: str, options: StoreOptions
+        self, session: boto3.session.Session, region: str, options: StoreOptions, user_agent: str
     ) -> LeanS3 | None:
         address = address_for(
             self.bucket, region, self.endpoint_url, custom_endpoint=bool(options.endpoint_url)
@@ -336,7 +365,7 @@ class S3Store(Store):
             pool_size=_pool_size(options),
             ca_bundle=botocore_session.get_config_variable("ca_bundle")
             or botocore.httpsession.get_cert_path(True),
-            user_agent=str(getattr(self._client.meta.config, "user_agent", None) or ""),
+            user_agent=user_agent,
         )
 
     def _fallback(self, op: str, exc: Unsupported, confirmed: bool = True) -> None:
@@ -436,7 +465,12 @@ class S3Store(Store):
     def check(self) -> None:
         where = f"s3://{self.bucket} at {self.endpoint_url}"
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            if self.lean is not None:
+                # One key of the pool's own listing: the permission HeadBucket needs
+                # (s3:ListBucket), on the lean path, so a read-only mount makes no client.
+                self._list_page(self.prefix, None, None, 1)
+            else:
+                self._client.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.ClientError as exc:
             status = _status(exc)
             if status == 404 or _code(exc) == "NoSuchBucket":
@@ -770,7 +804,8 @@ class S3Store(Store):
     def close(self) -> None:
         if self.lean is not None:
             self.lean.close()
-        self._client.close()
+        if self._boto is not None:
+            self._boto.close()
 
 
 class _S3Upload(Upload):
