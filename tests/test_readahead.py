@@ -193,3 +193,39 @@ def test_a_handle_holds_at_most_the_window_and_the_part_being_read(
         peak = max(peak, budget.used)
     assert 16 * MiB <= peak <= 16 * MiB + 4 * MiB
     ra.close()
+
+
+def test_read_span_points_into_the_fetched_part_without_copying(
+    pool: ThreadPoolExecutor,
+) -> None:
+    """A read inside one fetched extent is that extent's own bytes with bounds (the FUSE
+    adapter copies it once); a read across two extents is joined; EOF shortens the span."""
+    fetched: dict[tuple[int, int], bytes] = {}
+
+    def fetch(start: int, end: int) -> bytes:
+        data = DATA[start:end]
+        fetched[(start, end)] = data
+        return data
+
+    ra = ReadAhead(
+        fetch,
+        SIZE,
+        executor=pool,
+        budget=ByteBudget(64 * MiB),
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=128 * KiB,
+    )
+    data, lo, hi = ra.read_span(4 * MiB + 10, 1000)  # random: one extent of min_block
+    assert data is fetched[(4 * MiB + 10, 4 * MiB + 10 + 128 * KiB)]
+    assert (lo, hi) == (0, 1000)
+    data, lo, hi = ra.read_span(4 * MiB + 500, 100)  # inside the same extent
+    assert data is fetched[(4 * MiB + 10, 4 * MiB + 10 + 128 * KiB)]
+    assert data[lo:hi] == DATA[4 * MiB + 500 : 4 * MiB + 600]
+    data, lo, hi = ra.read_span(4 * MiB + 10 + 128 * KiB - 50, 100)  # across two extents
+    assert (lo, hi) == (0, 100) and data == DATA[4 * MiB + 128 * KiB - 40 :][:100]
+    data, lo, hi = ra.read_span(SIZE - 30, 100)  # short at EOF
+    assert data[lo:hi] == DATA[SIZE - 30 :]
+    assert ra.read_span(SIZE, 100)[1:] == (0, 0)
+    assert ra.read(4 * MiB + 500, 100) == DATA[4 * MiB + 500 : 4 * MiB + 600]
+    ra.close()

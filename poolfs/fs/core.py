@@ -65,7 +65,7 @@ from poolfs.fs.meta import (
     path_to_key,
     valid_name,
 )
-from poolfs.fs.readahead import ByteBudget
+from poolfs.fs.readahead import ByteBudget, Span, span_bytes
 from poolfs.stores import NotFound, ObjectInfo, Store, StoreError
 
 log = logging.getLogger("poolfs.fs")
@@ -786,12 +786,17 @@ class PoolFS:
         return self._handle(fh).keep_cache
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        return span_bytes(self.read_span(fh, offset, size))
+
+    def read_span(self, fh: int, offset: int, size: int) -> Span:
+        """`read` as `data[lo:hi]`, not yet copied (the FUSE adapter copies it once)."""
         handle = self._handle(fh)
         try:
             if handle.staged is not None:
-                return handle.staged.read(offset, size)
+                data = handle.staged.read(offset, size)
+                return data, 0, len(data)
             assert handle.reader is not None
-            return handle.reader.read(offset, size)
+            return handle.reader.read_span(offset, size)
         except PoolFSError:
             raise
         except OSError as exc:

@@ -45,7 +45,7 @@ from concurrent.futures import Executor, Future
 from poolfs.fs.config import FSConfig
 from poolfs.fs.errors import PoolFSError, from_store
 from poolfs.fs.meta import Node, encode_meta
-from poolfs.fs.readahead import ByteBudget, ReadAhead
+from poolfs.fs.readahead import ByteBudget, ReadAhead, Span, span_bytes
 from poolfs.stores import ObjectInfo, Store, StoreError, Upload
 
 log = logging.getLogger("poolfs.fs")
@@ -320,11 +320,16 @@ class PinnedReader:
         return data
 
     def read(self, offset: int, size: int) -> bytes:
+        return span_bytes(self.read_span(offset, size))
+
+    def read_span(self, offset: int, size: int) -> Span:
+        """`read` as a span of a fetched part (see readahead.py), not yet copied."""
         local = self._local
         if local is not None:
-            return os.pread(local[0], size, offset)
+            data = os.pread(local[0], size, offset)
+            return data, 0, len(data)
         try:
-            return self._ra.read(offset, size)
+            return self._ra.read_span(offset, size)
         except StoreError as exc:
             raise from_store(exc, "read", self.path) from exc
 

@@ -16,7 +16,9 @@ Settings and why (the mount options are in `serve`, the connection and library s
   existing file does not first store an empty object that readers could see.
 - `default_permissions`: the kernel enforces the mode bits we report.
 - max_write 1 MiB (libfuse3's largest buffer); reads are as large as the kernel asks, up to
-  the same 1 MiB.
+  the same 1 MiB. `_FUSE.read` copies each answer once, from a span of the fetched part
+  straight into libfuse's buffer (`PoolFS.read_span`): mfusepy's own read would first need
+  the answer as new bytes, one more copy of every byte read.
 - kernel read-ahead (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`) raised from 128 KiB to
   DEFAULT_READ_AHEAD_KIB: the kernel sizes buffered sequential reads by it, so without it even
   libfuse3 gets 128 KiB read requests. It is set at the first request after INIT, not in init:
@@ -73,6 +75,7 @@ import mfusepy as fuse
 from poolfs.fs.core import PoolFS
 from poolfs.fs.errors import PoolFSError
 from poolfs.fs.meta import Node, join, parent_path
+from poolfs.fs.readahead import Span
 
 if fuse.fuse_version_major != 3:
     raise ImportError(
@@ -406,6 +409,10 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         return self.fs.read(int(fi.fh), offset, size)
 
     @_errors
+    def read_span(self, path: str | None, size: int, offset: int, fi: Any) -> Span:
+        return self.fs.read_span(int(fi.fh), offset, size)
+
+    @_errors
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         return self.fs.write(int(fi.fh), offset, data)
 
@@ -458,6 +465,23 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
             if filler(buf, entry[0].encode(self.encoding, self.errors), st, index + 1, fill):
                 break
         return 0
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # mfusepy's read copies the answer into libfuse's buffer; here the answer is a span of
+        # a fetched part, copied once from there (no slice of it as new bytes first). The
+        # address of the bytes' own buffer comes from c_char_p, which does not copy.
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        span: Span = self.operations.read_span(name, size, offset, fip.contents)
+        data, lo, hi = span
+        count = hi - lo
+        if count <= 0:
+            return 0
+        if count > size:
+            raise fuse.FuseOSError(errno.EIO)
+        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        assert base is not None  # a non-empty bytes object has a buffer
+        ctypes.memmove(buf, base + lo, count)
+        return count
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fi = fip.contents if fip else None

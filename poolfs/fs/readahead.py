@@ -16,6 +16,9 @@ Rules (tests/test_readahead.py checks each):
 - Prefetched parts reserve bytes from a `ByteBudget` shared by every handle of the mount; when
   the budget is exhausted, prefetch stops (the reader still gets what it asks for). Parts behind
   the reader are dropped at once, so memory is bounded by the budget plus in-flight demand reads.
+- `read_span` hands out the bytes as a span (data, lo, hi) of the fetched part, uncopied: the
+  FUSE adapter copies `data[lo:hi]` once, straight into libfuse's reply buffer. Only a read
+  across two extents is joined (one copy). `read` is the same as plain bytes.
 - The cache takes a `fetch(start, end) -> bytes` function, never a store, so it is testable with
   a lambda and knows nothing about versions: pinning is the fetch function's job.
 """
@@ -28,6 +31,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
 Fetch = Callable[[int, int], bytes]
+# `data[lo:hi]` is the answer, not yet copied out of `data` (bytes, so immutable).
+Span = tuple[bytes, int, int]
+
+
+def span_bytes(span: Span) -> bytes:
+    data, lo, hi = span
+    return data if lo == 0 and hi == len(data) else data[lo:hi]
 
 
 class ByteBudget:
@@ -107,9 +117,12 @@ class ReadAhead:
                 self._extents.append(_Extent(start, start + len(data), _done(data), 0))
 
     def read(self, offset: int, size: int) -> bytes:
+        return span_bytes(self.read_span(offset, size))
+
+    def read_span(self, offset: int, size: int) -> Span:
         end = min(offset + size, self._size)
         if offset >= end:
-            return b""
+            return b"", 0, 0
         with self._lock:
             sequential = offset == self._next and (self._started or not self._cached(offset, end))
             self._started = True
@@ -127,17 +140,21 @@ class ReadAhead:
                 own.future.set_result(self._fetch(own.start, own.end))
             except BaseException as exc:
                 own.future.set_exception(exc)
-        chunks: list[bytes] = []
+        spans: list[Span] = []
         for ext in needed:
             data = ext.future.result()
             lo = max(offset, ext.start) - ext.start
             hi = min(end, ext.end) - ext.start
-            chunks.append(data[lo:hi])
-        out = b"".join(chunks)
-        if len(out) != end - offset:
+            spans.append((data, lo, min(hi, len(data))))
+        if len(spans) == 1:
+            span = spans[0]
+        else:
+            out = b"".join(memoryview(data)[lo:hi] for data, lo, hi in spans)
+            span = (out, 0, len(out))
+        if span[2] - span[1] != end - offset:
             # The object is shorter than pinned: a store fault, not a short read to hide.
             raise OSError(5, "short read from store")
-        return out
+        return span
 
     def close(self) -> None:
         with self._lock:
