@@ -211,3 +211,18 @@ def test_read_only_s3_mount_makes_no_botocore_client(
     rw.umount()
     assert "botocore client made" not in ro.log()
     assert "botocore client made" in rw.log()
+
+
+def test_worker_runs_with_the_malloc_settings(
+    tmp_path: Path, mounter: MountFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount worker's glibc malloc settings (poolfs/mounts.py worker_env) reach the
+    worker process; a setting the operator gave wins."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    m = mounter(_url(tmp_path))
+    with open(f"/proc/{m.pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    assert env[b"MALLOC_ARENA_MAX"] == b"2"
+    assert env[b"MALLOC_MMAP_THRESHOLD_"] == str(4 * 1024 * 1024).encode()
+    assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"12345"

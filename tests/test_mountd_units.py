@@ -368,6 +368,7 @@ def test_worker_command_and_environment() -> None:
     assert "CREDENTIALS_DIRECTORY" not in env
     assert "MOUNTD_LOG_LEVEL" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(4 * 1024 * 1024)  # read-ahead parts via mmap
+    assert env["MALLOC_ARENA_MAX"] == "2"  # threads share arenas of freed memory
     assert describe_exit(-9) == "killed by SIGKILL"
     assert "uploads failed" in describe_exit(2)
 
