@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import signal
 import subprocess
 import time
@@ -220,9 +221,17 @@ def test_worker_runs_with_the_malloc_settings(
     worker process; a setting the operator gave wins."""
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=7")
     m = mounter(_url(tmp_path))
     with open(f"/proc/{m.pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     assert env[b"MALLOC_ARENA_MAX"] == b"2"
     assert env[b"MALLOC_MMAP_THRESHOLD_"] == str(4 * 1024 * 1024).encode()
     assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"12345"
+    # glibc rewrites GLIBC_TUNABLES in place, so the worker's environ shows only the first
+    # tunable; that malloc asked for huge pages shows in its mappings (unless THP is off).
+    assert env[b"GLIBC_TUNABLES"].startswith(b"glibc.malloc.tcache_count=7")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        smaps = Path(f"/proc/{m.pid}/smaps").read_text()
+        assert re.search(r"^THPeligible:\s+1$", smaps, re.MULTILINE)
