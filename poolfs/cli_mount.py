@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -305,6 +306,11 @@ def _run_worker(args: argparse.Namespace) -> int:
             "read-only" if args.read_only else "read-write",
         )
         report(READY)
+        # Everything made so far (modules, the store, the FS) lives as long as the worker:
+        # out of the collector's sight, a full collection no longer walks it. Measured: such
+        # a collection (~25 ms of CPU) fell into the first requests of a fresh mount in 2 of
+        # 5 time-to-first-byte runs (20 -> 41-45 ms).
+        gc.freeze()
 
     def destroyed(failed: list[str]) -> None:
         result["failed"] = failed
