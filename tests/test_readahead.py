@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -229,3 +232,47 @@ def test_read_span_points_into_the_fetched_part_without_copying(
     assert ra.read_span(SIZE, 100)[1:] == (0, 0)
     assert ra.read(4 * MiB + 500, 100) == DATA[4 * MiB + 500 : 4 * MiB + 600]
     ra.close()
+
+
+def test_a_read_waiting_for_a_part_a_later_read_trimmed_still_gets_it() -> None:
+    """Two FUSE threads read one handle: A waits for a prefetched part that has not started;
+    B's sequential read past that part trims and cancels it. A must get the bytes, not EIO."""
+    pending: list[tuple[Future[bytes], Callable[[], bytes]]] = []
+
+    class Later(Executor):
+        def submit(self, fn: Callable[..., bytes], /, *args: Any, **kwargs: Any) -> Future[bytes]:
+            fut: Future[bytes] = Future()
+            pending.append((fut, functools.partial(fn, *args, **kwargs)))
+            return fut
+
+    rec = Recorder()
+    ra = ReadAhead(
+        rec.fetch,
+        SIZE,
+        executor=Later(),
+        budget=ByteBudget(64 * MiB),
+        part_size=4 * MiB,
+        max_window=16 * MiB,
+        min_block=128 * KiB,
+    )
+    assert ra.read(0, MiB) == DATA[:MiB]  # prefetches [1, 4) and [4, 8) MiB, not run yet
+    got: list[bytes] = []
+    reader_a = threading.Thread(target=lambda: got.append(ra.read(MiB, 3 * MiB)))
+    reader_a.start()
+    time.sleep(0.2)  # A waits for the [1, 4) MiB part
+    for fut, run in pending:
+        if rec_range(run) == (4 * MiB, 8 * MiB):
+            fut.set_running_or_notify_cancel()
+            fut.set_result(run())
+    assert ra.read(4 * MiB, MiB) == DATA[4 * MiB : 5 * MiB]  # B: trims the [1, 4) MiB part
+    reader_a.join(10)
+    for fut, run in pending:
+        if not fut.done() and fut.set_running_or_notify_cancel():
+            fut.set_result(run())
+    assert got == [DATA[MiB : 4 * MiB]]
+    ra.close()
+
+
+def rec_range(call: Callable[[], bytes]) -> tuple[int, ...]:
+    assert isinstance(call, functools.partial)
+    return tuple(call.args)

@@ -13,6 +13,8 @@ Rules (tests/test_readahead.py checks each):
 - A read that must wait for bytes nobody is fetching yet fetches (the first such range) in the
   calling thread instead of handing it to the executor and waiting: one thread hop less per
   random read. Such an extent is visible to other readers as a running future.
+- A read waiting for a part that a concurrent sequential read trimmed (cancelled before it
+  ran) fetches that part itself: a read never fails because another one moved on.
 - Prefetched parts reserve bytes from a `ByteBudget` shared by every handle of the mount; when
   the budget is exhausted, prefetch stops (the reader still gets what it asks for). Parts behind
   the reader are dropped at once, so memory is bounded by the budget plus in-flight demand reads.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 
 Fetch = Callable[[int, int], bytes]
 # `data[lo:hi]` is the answer, not yet copied out of `data` (bytes, so immutable).
@@ -142,7 +144,12 @@ class ReadAhead:
                 own.future.set_exception(exc)
         spans: list[Span] = []
         for ext in needed:
-            data = ext.future.result()
+            try:
+                data = ext.future.result()
+            except CancelledError:
+                # A concurrent sequential read further on trimmed this part before it ran
+                # (FUSE threads read one handle in parallel): fetch it here instead.
+                data = self._fetch(ext.start, ext.end)
             lo = max(offset, ext.start) - ext.start
             hi = min(end, ext.end) - ext.start
             spans.append((data, lo, min(hi, len(data))))
