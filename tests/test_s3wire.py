@@ -670,8 +670,9 @@ def test_retried_part_is_sent_again_from_the_file(canned: CannedS3, tmp_path: Pa
         [_xml_error(403, "AccessDenied", "no")],
         [_xml_error(500, "InternalError", "down")] * 2,
         [_xml_error(503, "SlowDown", "slow")] * 2,
+        [_xml_error(400, "RequestTimeout", "too slow")] * 2,
     ],
-    ids=["no-such-upload", "denied", "server-error", "throttled"],
+    ids=["no-such-upload", "denied", "server-error", "throttled", "body-too-slow"],
 )
 def test_part_errors_equal_botocore(canned: CannedS3, tmp_path: Path, replies: list[Reply]) -> None:
     lean, boto = _canned_store(canned, timeout=5), _canned_store(canned, timeout=5)

@@ -34,12 +34,13 @@ Invariants a newcomer must keep:
 - Two request paths. GET, HEAD, ListObjectsV2 and UploadPart go over `s3wire.LeanS3`
   (urllib3 + own SigV4): botocore's request building and parsing was most of the worker's CPU
   on small files, random reads and listings, and hashing each part to sign it a large share on
-  writes (numbers in bench/README.md). Everything else, and any call the
-  lean path does not understand (`s3wire.Unsupported`: redirects, region errors, a rejected
-  signature), goes to the botocore client, which stays the reference: the lean path returns
-  its response shapes and raises its exceptions, so both paths share the code below, the time
-  bound and the error table. The first fallback of each kind is logged. `lean = None` turns
-  the lean path off (also where it cannot reproduce botocore's addressing or proxies apply).
+  writes (numbers in bench/README.md). Everything else, and any call the lean path does not
+  understand (`s3wire.Unsupported`: redirects, region errors, a rejected signature, a refused
+  unsigned part), goes to the botocore client, which stays the reference: the lean path
+  returns its response shapes and raises its exceptions, so both paths share the code below,
+  the time bound and the error table. The first fallback of each kind is logged. `lean = None`
+  turns the lean path off (also where it cannot reproduce botocore's addressing or proxies
+  apply).
 - Errors: every boto exception goes through `_map_error` (one table), is re-raised as a
   StoreError kind carrying the pool-relative key, and is chained (`raise ... from exc`).
 - Versions: `etag` (quotes stripped) is the version identity. `last_modified_ns` has whole-second
