@@ -127,6 +127,19 @@ def test_write_read_roundtrip_and_metadata_in_store(fs: PoolFS, store: Store) ->
     assert node.mode == 0o640 and node.size == 5
 
 
+def test_write_from_a_buffer_stores_its_bytes(fs: PoolFS, store: Store) -> None:
+    # The FUSE adapter hands the core a view of libfuse's request buffer, not bytes.
+    write_file(fs, "/buf", b"0123456789")
+    fh = fs.open("/buf", os.O_WRONLY)
+    buffer = bytearray(b"..ABCD..")
+    assert fs.write(fh, 4, memoryview(buffer)[2:6]) == 4
+    buffer[2:6] = b"zzzz"  # changing the buffer after the call changes nothing stored
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/buf") == b"0123ABCD89"
+    assert store.get_range("buf", 0, None)[0] == b"0123ABCD89"
+
+
 def test_offset_write_append_and_truncate(fs: PoolFS, store: Store) -> None:
     write_file(fs, "/f", b"0123456789")
     fh = fs.open("/f", os.O_WRONLY)

@@ -850,7 +850,8 @@ class PoolFS:
         except OSError as exc:
             raise unexpected(exc, "read", handle.path, None) from exc
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        """Write `data` (any bytes-like object, read only during the call) at `offset`."""
         handle = self._handle(fh)
         if not handle.writable or handle.staged is None:
             raise PoolFSError(errno.EBADF)
