@@ -127,6 +127,19 @@ def test_write_read_roundtrip_and_metadata_in_store(fs: PoolFS, store: Store) ->
     assert node.mode == 0o640 and node.size == 5
 
 
+def test_write_from_a_buffer_stores_its_bytes(fs: PoolFS, store: Store) -> None:
+    # The FUSE adapter hands the core a view of libfuse's request buffer, not bytes.
+    write_file(fs, "/buf", b"0123456789")
+    fh = fs.open("/buf", os.O_WRONLY)
+    buffer = bytearray(b"..ABCD..")
+    assert fs.write(fh, 4, memoryview(buffer)[2:6]) == 4
+    buffer[2:6] = b"zzzz"  # changing the buffer after the call changes nothing stored
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/buf") == b"0123ABCD89"
+    assert store.get_range("buf", 0, None)[0] == b"0123ABCD89"
+
+
 def test_offset_write_append_and_truncate(fs: PoolFS, store: Store) -> None:
     write_file(fs, "/f", b"0123456789")
     fh = fs.open("/f", os.O_WRONLY)
@@ -554,4 +567,44 @@ def test_kernel_cache_not_kept_while_another_version_is_open(tmp_path: Path) -> 
     pfs.release(old)
     assert keeps(pfs, "/f") == (False, b"two")  # ... until an open without keep drops them
     assert keeps(pfs, "/f") == (True, b"two")
+    pfs.shutdown()
+
+
+# --- cache bounds (long-lived mounts) ---------------------------------------------------------
+
+
+def test_attribute_and_listing_caches_stay_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import poolfs.fs.core as core
+
+    monkeypatch.setattr(core, "_NODES_MAX", 40)
+    monkeypatch.setattr(core, "_LISTINGS_MAX", 4)
+    monkeypatch.setattr(core, "_LISTED_ENTRIES_MAX", 30)
+    store = MemStore("bounded")
+    for d in range(10):
+        for f in range(10):
+            store.put_bytes(f"d{d}/f{f}", b"x" * f, {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=3600)
+    for d in range(10):
+        assert [n for n, _ in pfs.readdir(f"/d{d}")] == [f"f{f}" for f in range(10)]
+        for f in range(10):
+            assert pfs.getattr(f"/d{d}/f{f}").size == f
+        assert len(pfs._nodes) <= 40
+        assert len(pfs._listings) <= 4
+        assert sum(len(x.children) for x in pfs._listings.values()) <= 30
+    # Evicted entries are fetched again, with the same answers.
+    assert pfs.getattr("/d0/f7").size == 7
+    assert [n for n, _ in pfs.readdir("/d0")] == [f"f{f}" for f in range(10)]
+    pfs.shutdown()
+
+
+def test_change_log_is_kept_only_while_a_listing_is_under_way(tmp_path: Path) -> None:
+    store = MemStore("changes")
+    pfs = make_fs(store, tmp_path)
+    for i in range(50):
+        write_file(pfs, f"/d{i}", b"1")  # no LIST of "/" under way: nothing to remember
+    assert pfs._changes == {}
+    assert sorted(n for n, _ in pfs.readdir("/")) == sorted(f"d{i}" for i in range(50))
+    assert pfs._changes == {} and pfs._listing_since == {}
     pfs.shutdown()

@@ -235,3 +235,28 @@ def test_worker_runs_with_the_malloc_settings(
     if thp.exists() and "[never]" not in thp.read_text():
         smaps = Path(f"/proc/{m.pid}/smaps").read_text()
         assert re.search(r"^THPeligible:\s+1$", smaps, re.MULTILINE)
+
+
+def test_write_request_is_passed_as_a_view_released_after_the_call() -> None:
+    # mfusepy's own wrapper copies each request (up to 1 MiB) into bytes; ours hands the
+    # operation a view of libfuse's buffer, valid only during the call.
+    from poolfs.fs import fuse_ops
+
+    got: list[tuple[str | None, memoryview, bytes, int, object]] = []
+
+    class Ops:
+        def write(self, path: str | None, data: memoryview, offset: int, fi: object) -> int:
+            got.append((path, data, bytes(data), offset, fi))
+            return len(data)
+
+    adapter = fuse_ops._FUSE.__new__(fuse_ops._FUSE)
+    adapter.operations, adapter.encoding, adapter.errors = Ops(), "utf-8", "surrogateescape"
+    request = ctypes.create_string_buffer(b"abcdefgh", 8)
+    fi = object()
+    fip = type("FiPointer", (), {"contents": fi})()
+    buf = ctypes.cast(request, ctypes.c_char_p)
+    assert adapter.write(b"/f", buf, 6, 4096, fip) == 6
+    [(path, view, seen, offset, passed_fi)] = got
+    assert (path, seen, offset, passed_fi) == ("/f", b"abcdef", 4096, fi)
+    with pytest.raises(ValueError, match="released"):
+        bytes(view)

@@ -700,11 +700,25 @@ def test_moto_counts_requests_by_operation(moto_server: MotoServer, moto_bucket:
 
 
 def _fail_on(store: S3Store, event: str, when: Callable[[dict[str, Any]], bool]) -> None:
+    """Fail `event` requests matching `when` as an unreachable endpoint, before they are sent
+    (on the botocore client, and on the lean path for UploadPart)."""
+
     def hook(params: dict[str, Any], **_: Any) -> None:
         if when(params):
             raise botocore.exceptions.EndpointConnectionError(endpoint_url="test-injected")
 
     store._client.meta.events.register(f"before-parameter-build.s3.{event}", hook)
+    lean = store.lean
+    if event == "UploadPart" and lean is not None:
+        original = lean.upload_part
+
+        def upload_part(
+            s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
+        ) -> dict[str, Any]:
+            hook({"Key": s3key, "UploadId": upload_id, "PartNumber": number})
+            return original(s3key, upload_id, number, fd, offset, length)
+
+        lean.upload_part = upload_part  # type: ignore[method-assign]
 
 
 def test_s3_failed_multipart_upload_is_aborted(moto_bucket: S3Bucket, tmp_path: Path) -> None:

@@ -77,6 +77,12 @@ _META_CACHE_SIZE = 200_000
 # How long after a listing expired a lookup in that directory refreshes the whole listing.
 _RELIST_WINDOW = 60.0
 _CHANGE_LOG_MAX = 20_000
+# Cache bounds for long-lived mounts (a `find` over millions of names must not grow the worker
+# without end): attributes of this many paths, listings of at most this many directories
+# holding at most this many entries together. Expired entries go first, then the oldest.
+_NODES_MAX = 100_000
+_LISTINGS_MAX = 1024
+_LISTED_ENTRIES_MAX = 500_000
 # Opens that walk a listed directory in name order fetch this many next small files ahead.
 _WALK_AHEAD = 8
 # First blocks fetched ahead (walks, lookups) kept at once: at most this many first_blocks.
@@ -119,8 +125,11 @@ class PoolFS:
         self._nodes: dict[str, tuple[Node | None, float]] = {}
         self._listings: dict[str, _Listing] = {}
         self._relisting: dict[str, threading.Event] = {}
-        # dir path -> name -> (sequence number, node or None): our recent changes, by directory.
+        # dir path -> name -> (sequence number, node or None): our changes made while a LIST
+        # of that directory was under way, for that LIST to apply (see `_list`).
         self._changes: dict[str, dict[str, tuple[int, Node | None]]] = {}
+        # dir path -> the sequence number at the start of each LIST of it under way.
+        self._listing_since: dict[str, list[int]] = {}
         self._seq = 0
         # Directory walks: dir path -> last name opened; key -> (first-block GET, started).
         self._walks: dict[str, str] = {}
@@ -238,18 +247,19 @@ class PoolFS:
         that was under way while it happened can apply it on top (see `_list`).
         """
         with self._lock:
-            self._nodes[path] = (node, self._expiry())
+            self._put_node(path, node)
             if path == "/":
                 return
             parent_dir = parent_path(path)
             name = path.rsplit("/", 1)[1]
             self._seq += 1
-            changes = self._changes.setdefault(parent_dir, {})
-            changes[name] = (self._seq, node)
-            if len(changes) > _CHANGE_LOG_MAX:
-                # A directory changed this much without being listed: keep the newer half.
-                cut = sorted(seq for seq, _ in changes.values())[len(changes) // 2]
-                self._changes[parent_dir] = {n: c for n, c in changes.items() if c[0] >= cut}
+            if parent_dir in self._listing_since:
+                changes = self._changes.setdefault(parent_dir, {})
+                changes[name] = (self._seq, node)
+                if len(changes) > _CHANGE_LOG_MAX:
+                    # Changed this much during one LIST: keep the newer half.
+                    cut = sorted(seq for seq, _ in changes.values())[len(changes) // 2]
+                    self._changes[parent_dir] = {n: c for n, c in changes.items() if c[0] >= cut}
             parent = self._listings.get(parent_dir)
             if parent is not None:
                 parent.ordered = None
@@ -261,6 +271,33 @@ class PoolFS:
             self._kept.pop(path, None)
         if ahead is not None:
             ahead[0].cancel()
+
+    def _put_node(self, path: str, node: Node | None) -> None:
+        """Cache the attributes of `path` (lock held), within `_NODES_MAX` paths."""
+        self._nodes[path] = (node, self._expiry())
+        if len(self._nodes) <= _NODES_MAX:
+            return
+        now = time.monotonic()
+        fresh = {p: e for p, e in self._nodes.items() if e[1] > now}
+        if len(fresh) > _NODES_MAX // 2:
+            # Insertion order is age order: keep the newer half.
+            fresh = dict(list(fresh.items())[-(_NODES_MAX // 2) :])
+        fresh[path] = self._nodes[path]
+        self._nodes = fresh
+
+    def _put_listing(self, path: str, listing: _Listing) -> None:
+        """Cache a listing (lock held) within `_LISTINGS_MAX` directories and
+        `_LISTED_ENTRIES_MAX` entries; the listings that expired first go first."""
+        self._listings[path] = listing
+        total = sum(len(other.children) for other in self._listings.values())
+        if len(self._listings) <= _LISTINGS_MAX and total <= _LISTED_ENTRIES_MAX:
+            return
+        for victim in sorted(self._listings, key=lambda p: self._listings[p].expires):
+            if victim == path:
+                continue
+            total -= len(self._listings.pop(victim).children)
+            if len(self._listings) <= _LISTINGS_MAX and total <= _LISTED_ENTRIES_MAX:
+                return
 
     def _forget_tree(self, path: str) -> None:
         prefix = path.rstrip("/") + "/"
@@ -308,7 +345,7 @@ class PoolFS:
             return self._found(listing.children.get(path.rsplit("/", 1)[1]))
         node = self._resolve(path, key)
         with self._lock:
-            self._nodes[path] = (node, self._expiry())
+            self._put_node(path, node)
         return self._found(node)
 
     @staticmethod
@@ -422,10 +459,31 @@ class PoolFS:
             done.set()
 
     def _list(self, path: str) -> _Listing:
-        key = path_to_key(path)
-        prefix = dir_marker(key)
         with self._lock:
             started = self._seq
+            self._listing_since.setdefault(path, []).append(started)
+        try:
+            return self._list_store(path, started)
+        finally:
+            with self._lock:
+                self._end_listing(path, started)
+
+    def _end_listing(self, path: str, started: int) -> None:
+        """Forget the changes no LIST of `path` under way still needs (lock held)."""
+        starts = self._listing_since[path]
+        starts.remove(started)
+        if not starts:
+            del self._listing_since[path]
+            self._changes.pop(path, None)
+            return
+        oldest = min(starts)
+        changes = self._changes.get(path)
+        if changes:
+            self._changes[path] = {n: c for n, c in changes.items() if c[0] > oldest}
+
+    def _list_store(self, path: str, started: int) -> _Listing:
+        key = path_to_key(path)
+        prefix = dir_marker(key)
         files: dict[str, ObjectInfo] = {}
         dirs: set[str] = set()
         # Any key below the prefix, usable as a name or not, means the directory exists.
@@ -480,13 +538,8 @@ class PoolFS:
                         children.pop(name, None)
                     else:
                         children[name] = node
-            later = {n: c for n, c in changes.items() if c[0] > started}
-            if later:
-                self._changes[path] = later
-            else:
-                self._changes.pop(path, None)
             listing = _Listing(children, self._expiry())
-            self._listings[path] = listing
+            self._put_listing(path, listing)
             # The listing just proved the directory exists: its own attributes stay valid.
             own = self._nodes.get(path)
             if own is not None and own[0] is not None and own[0].is_dir:
@@ -555,7 +608,7 @@ class PoolFS:
             self._remember_meta(info)
             self._set_node(path, Node(True, 0, mode, now, now, now, None, True, True))
             with self._lock:
-                self._listings[path] = _Listing({}, self._expiry())
+                self._put_listing(path, _Listing({}, self._expiry()))
             self._dir_changed(parent_path(path))
 
     def rmdir(self, path: str) -> None:
@@ -802,7 +855,8 @@ class PoolFS:
         except OSError as exc:
             raise unexpected(exc, "read", handle.path, None) from exc
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        """Write `data` (any bytes-like object, read only during the call) at `offset`."""
         handle = self._handle(fh)
         if not handle.writable or handle.staged is None:
             raise PoolFSError(errno.EBADF)

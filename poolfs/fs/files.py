@@ -532,7 +532,7 @@ class StagedFile:
             reader = self._reader
         return reader.read(offset, size)
 
-    def write(self, offset: int, data: bytes, append: bool = False) -> int:
+    def write(self, offset: int, data: bytes | memoryview, append: bool = False) -> int:
         with self.lock:
             if append:
                 offset = self.size

@@ -413,7 +413,7 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         return self.fs.read_span(int(fi.fh), offset, size)
 
     @_errors
-    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fi: Any) -> int:
         return self.fs.write(int(fi.fh), offset, data)
 
     @_errors
@@ -432,7 +432,8 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 class _FUSE(fuse.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with what it leaves out on libfuse3.
 
-    mfusepy 3.x calls `truncate(path, length)` without the file handle and `rename(old, new)`
+    mfusepy 3.x copies every write request into bytes (see `write`), calls
+    `truncate(path, length)` without the file handle and `rename(old, new)`
     without the renameat2 flags; the core needs the handle (ftruncate of an open file) and the
     adapter must see the flags to refuse them rather than silently replace a target. And it
     never answers READDIRPLUS with attributes, so `ls -l` of a directory costs one LOOKUP
@@ -482,6 +483,15 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
         assert base is not None  # a non-empty bytes object has a buffer
         ctypes.memmove(buf, base + lo, count)
         return count
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # mfusepy copies each request (up to 1 MiB) into a bytes object; the core only
+        # pwrites it into the staging file, so hand it a view of libfuse's buffer instead.
+        # The view is released on return: nothing can read the buffer after libfuse reuses it.
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        request = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte * size)).contents
+        with memoryview(request) as raw, raw.cast("B") as data:
+            return cast(int, self.operations.write(name, data, offset, fip.contents))
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fi = fip.contents if fip else None

@@ -34,14 +34,16 @@ Invariants a newcomer must keep:
   and managed copies: one request per part) bound each request and stop at the first failure.
   Reading a GET body is outside botocore's retry loop, so `get_range` retries a broken body
   itself while a whole attempt still fits before its deadline.
-- Two request paths. GET, HEAD and ListObjectsV2 go over `s3wire.LeanS3` (urllib3 + own
-  SigV4): botocore's request building and parsing was most of the worker's CPU on small files,
-  random reads and listings (numbers in bench/README.md). Everything else, and any call the
-  lean path does not understand (`s3wire.Unsupported`: redirects, region errors, a rejected
-  signature), goes to the botocore client, which stays the reference: the lean path returns
-  its response shapes and raises its exceptions, so both paths share the code below, the time
-  bound and the error table. The first fallback of each kind is logged. `lean = None` turns
-  the lean path off (also where it cannot reproduce botocore's addressing or proxies apply).
+- Two request paths. GET, HEAD, ListObjectsV2 and UploadPart go over `s3wire.LeanS3`
+  (urllib3 + own SigV4): botocore's request building and parsing was most of the worker's CPU
+  on small files, random reads and listings, and hashing each part to sign it a large share on
+  writes (numbers in bench/README.md). Everything else, and any call the lean path does not
+  understand (`s3wire.Unsupported`: redirects, region errors, a rejected signature, a refused
+  unsigned part), goes to the botocore client, which stays the reference: the lean path
+  returns its response shapes and raises its exceptions, so both paths share the code below,
+  the time bound and the error table. The first fallback of each kind is logged. `lean = None`
+  turns the lean path off (also where it cannot reproduce botocore's addressing or proxies
+  apply).
 - Errors: every boto exception goes through `_map_error` (one table), is re-raised as a
   StoreError kind carrying the pool-relative key, and is chained (`raise ... from exc`).
 - Versions: `etag` (quotes stripped) is the version identity. `last_modified_ns` has whole-second
@@ -858,17 +860,43 @@ class _S3Upload(Upload):
         upload_id = self.start()
         store = self._store
         try:
-            response = store._client.upload_part(
-                Bucket=store.bucket,
-                Key=self._s3key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=_PartView(fd, offset, length),  # type: ignore[arg-type]
-            )
+            response = self._upload_part(upload_id, number, fd, offset, length)
         except _BOTO_ERRORS as exc:
             store._fail("put", self.key, exc)
         with self._lock:
             self._parts[number] = (response["ETag"], length)
+
+    def _upload_part(
+        self, upload_id: str, number: int, fd: int, offset: int, length: int
+    ) -> Mapping[str, Any]:
+        """UploadPart on the lean path (unsigned payload, no SHA-256 of the part), or on the
+        botocore client; botocore's shape."""
+        store = self._store
+        if store.lean is not None:
+            try:
+                return store.lean.upload_part(self._s3key, upload_id, number, fd, offset, length)
+            except Unsupported as exc:
+                unsupported = exc
+            try:
+                response = self._upload_part_boto(upload_id, number, fd, offset, length)
+            finally:
+                # BadDigest: the part changed between its checksum and its sending (a write
+                # invalidating a streamed part) or was damaged on the way; not a setting.
+                store._fallback("put", unsupported, confirmed="BadDigest" not in unsupported.reason)
+            return response
+        return self._upload_part_boto(upload_id, number, fd, offset, length)
+
+    def _upload_part_boto(
+        self, upload_id: str, number: int, fd: int, offset: int, length: int
+    ) -> Mapping[str, Any]:
+        store = self._store
+        return store._client.upload_part(
+            Bucket=store.bucket,
+            Key=self._s3key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=_PartView(fd, offset, length),  # type: ignore[arg-type]
+        )
 
     def complete(self, parts: int) -> ObjectInfo:
         store = self._store

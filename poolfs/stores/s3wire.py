@@ -1,10 +1,12 @@
-"""A lean wire path for the S3 store's hot read requests: GET, HEAD and ListObjectsV2.
+"""A lean wire path for the S3 store's hot requests: GET, HEAD, ListObjectsV2 and UploadPart.
 
-Only `poolfs/stores/s3.py` uses this module. It sends those three requests straight over one
+Only `poolfs/stores/s3.py` uses this module. It sends those requests straight over one
 urllib3 connection pool with its own SigV4 signature, because botocore's request building and
 response parsing cost ~1-2 ms of CPU per request (more than the request itself against a local
-server; measured numbers in bench/README.md). Everything else (credentials, region, endpoint,
-writes, copies, multipart, deletes) stays with boto3/botocore, which `s3.py` owns.
+server), and over http botocore hashes every part body with SHA-256 to sign it (measured
+numbers in bench/README.md). Everything else (credentials, region, endpoint, PutObject,
+copies, create/complete/abort of multipart uploads, deletes) stays with boto3/botocore, which
+`s3.py` owns.
 
 Invariants a newcomer must keep:
 
@@ -30,25 +32,38 @@ Invariants a newcomer must keep:
 - Object bodies are returned as sent (`decode_content=False`): an object stored with
   `Content-Encoding: gzip` reads as its stored bytes, as with botocore.
 - Signature: SigV4 with the empty-body SHA-256 as payload hash (valid for GET/HEAD over http
-  and https); the signing key is cached per (secret, date, region). Keys are encoded into the
-  path as botocore does (`quote(key, safe="/~")`) and the path is signed as sent (S3 does not
-  normalise paths).
+  and https); the signing key is cached per (secret, date, region). UploadPart bodies are sent
+  as `UNSIGNED-PAYLOAD` (accepted over http and https), streamed from the staging file in
+  1 MiB preads, and re-read from the file for every attempt. Integrity: over https as
+  botocore's own client (`request_checksum_calculation="when_required"`: TLS, no body
+  checksum); over http an `x-amz-checksum-crc32` header (zlib: ~0.25 ms per MiB, SHA-256
+  ~0.6 ms) that the server checks (SeaweedFS answers BadDigest on a mismatch). What the CRC
+  does not give is the payload signature's protection against a body altered on purpose in
+  transit: plain http has none for reads either. A part answered with 400 or 501 (a server
+  that refuses the checksum header or the unsigned payload, or BadDigest: the part changed
+  between its checksum and its sending) raises `Unsupported`, so botocore sends it again;
+  400 RequestTimeout and throttling codes are retried here as botocore retries them.
+  Keys are encoded into the path as botocore does (`quote(key, safe="/~")`) and the path is
+  signed as sent (S3 does not normalise paths).
 """
 
 from __future__ import annotations
 
+import base64
 import calendar
 import datetime
 import hashlib
 import hmac
 import http.client
+import os
 import random
 import re
 import socket
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +76,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _UNRESERVED = "-_.~"
 
@@ -268,7 +284,7 @@ def canonical_query(params: Mapping[str, str]) -> str:
 
 
 class Signer:
-    """SigV4 for S3 requests without a body. Thread-safe (the key cache is one tuple)."""
+    """SigV4 for S3 requests. Thread-safe (the key cache is one tuple)."""
 
     def __init__(self, region: str) -> None:
         self.region = region
@@ -292,16 +308,18 @@ class Signer:
         headers: dict[str, str],
         credentials: botocore.credentials.ReadOnlyCredentials,
         now: float | None = None,
+        payload_hash: str = EMPTY_SHA256,
     ) -> None:
         """Add x-amz-date, x-amz-content-sha256, the token and Authorization to `headers`.
 
         `headers` has lowercase names and must hold `host`; every header in it is signed.
-        `path` and `query` are exactly as sent (already percent-encoded).
+        `path` and `query` are exactly as sent (already percent-encoded). `payload_hash` is
+        the empty body's SHA-256 (no body) or UNSIGNED_PAYLOAD (a body sent unhashed).
         """
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = stamp[:8]
         headers["x-amz-date"] = stamp
-        headers["x-amz-content-sha256"] = EMPTY_SHA256
+        headers["x-amz-content-sha256"] = payload_hash
         if credentials.token:
             headers["x-amz-security-token"] = credentials.token
         names = sorted(headers)
@@ -313,7 +331,7 @@ class Signer:
                 query,
                 "".join(f"{n}:{' '.join(headers[n].split())}\n" for n in names),
                 signed,
-                EMPTY_SHA256,
+                payload_hash,
             )
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -377,7 +395,7 @@ def address_for(
 
 
 class LeanS3:
-    """GET, HEAD and ListObjectsV2 on one bucket; see the module docstring."""
+    """GET, HEAD, ListObjectsV2 and UploadPart on one bucket; see the module docstring."""
 
     def __init__(
         self,
@@ -397,6 +415,7 @@ class LeanS3:
         self._signer = Signer(region)
         self._attempts = attempts
         self._host = urllib.parse.urlsplit(address.base).netloc
+        self._https = address.base.startswith("https:")
         self._user_agent = f"poolfs-lean {user_agent}"
         options = [*urllib3.connection.HTTPConnection.default_socket_options]
         options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
@@ -450,6 +469,27 @@ class LeanS3:
         _, _, body = self._request("ListObjectsV2", "GET", None, params, {})
         return parse_list_page(body)
 
+    def upload_part(
+        self, s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
+    ) -> dict[str, Any]:
+        """UploadPart of `length` bytes at `offset` of `fd`; botocore's shape (`ETag`)."""
+        headers = {"content-length": str(length)}
+        if not self._https:
+            crc = 0
+            for chunk in _file_chunks(fd, offset, length):
+                crc = zlib.crc32(chunk, crc)
+            headers["x-amz-checksum-crc32"] = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        params = {"partNumber": str(number), "uploadId": upload_id}
+        _, reply_headers, _ = self._request(
+            "UploadPart",
+            "PUT",
+            s3key,
+            params,
+            headers,
+            body=lambda: _file_chunks(fd, offset, length),
+        )
+        return {"ETag": reply_headers.get("etag", "")}
+
     @staticmethod
     def _object_fields(headers: Any) -> dict[str, Any]:
         fields: dict[str, Any] = {"ETag": headers.get("etag", "")}
@@ -477,8 +517,12 @@ class LeanS3:
         s3key: str | None,
         params: Mapping[str, str],
         headers: dict[str, str],
+        body: Callable[[], Iterator[bytes]] | None = None,
     ) -> tuple[int, Any, bytes]:
-        """Send with retries; the status, headers and body of a 2xx answer, else raise."""
+        """Send with retries; the status, headers and body of a 2xx answer, else raise.
+
+        `body` makes the request body anew for each attempt (sent as `UNSIGNED-PAYLOAD`).
+        """
         path = self.address.path_prefix
         if s3key is not None:
             path += _quote(s3key, "/~")
@@ -488,7 +532,7 @@ class LeanS3:
         while True:
             attempt += 1
             try:
-                status, reply_headers, body = self._send(method, path, query, url, headers)
+                status, reply_headers, reply = self._send(method, path, query, url, headers, body)
             except botocore.exceptions.BotoCoreError as exc:
                 if attempt < self._attempts and isinstance(
                     exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError
@@ -499,8 +543,8 @@ class LeanS3:
                     continue
                 raise
             if 200 <= status < 300:
-                return status, reply_headers, body
-            error = self._error(operation, method, status, reply_headers, body)
+                return status, reply_headers, reply
+            error = self._error(operation, method, status, reply_headers, reply)
             code = error.response["Error"]["Code"]
             throttled = code in THROTTLING_CODES
             if attempt < self._attempts and (
@@ -512,19 +556,27 @@ class LeanS3:
             raise error
 
     def _send(
-        self, method: str, path: str, query: str, url: str, headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        query: str,
+        url: str,
+        headers: dict[str, str],
+        body: Callable[[], Iterator[bytes]] | None = None,
     ) -> tuple[int, Any, bytes]:
         if self._credentials is None:
             raise botocore.exceptions.NoCredentialsError()
         credentials = self._credentials.get_frozen_credentials()
         signed = {"host": self._host, **headers}
-        self._signer.sign(method, path, query, signed, credentials)
+        payload = EMPTY_SHA256 if body is None else UNSIGNED_PAYLOAD
+        self._signer.sign(method, path, query, signed, credentials, payload_hash=payload)
         signed["user-agent"] = self._user_agent
         where = self.address.base + url
         try:
             response = self._pool.urlopen(
                 method,
                 url,
+                body=None if body is None else body(),
                 headers=signed,
                 retries=False,
                 redirect=False,
@@ -554,6 +606,13 @@ class LeanS3:
     ) -> botocore.exceptions.ClientError:
         if 300 <= status < 400:
             raise Unsupported(f"HTTP {status} redirect", status)
+        if method == "PUT" and status in (400, 501):
+            # The checksum header or the unsigned payload refused, or BadDigest (the part
+            # changed between its checksum and its sending): botocore sends it signed.
+            # RequestTimeout (400: the body came too slowly) is retried here as by botocore.
+            code = _error_fields(body)[0] or str(status)
+            if code not in TRANSIENT_CODES and code not in THROTTLING_CODES:
+                raise Unsupported(f"HTTP {status} {code} to an unsigned part", status)
         if method == "HEAD":
             if status == 400:
                 raise Unsupported("HTTP 400 to HEAD (no body to tell why)", status)
@@ -573,6 +632,23 @@ class LeanS3:
             "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": dict(headers)},
         }
         return botocore.exceptions.ClientError(response, operation)
+
+
+_CHUNK = 1024 * 1024
+
+
+def _file_chunks(fd: int, offset: int, length: int) -> Iterator[bytes]:
+    """`length` bytes of `fd` at `offset` in 1 MiB preads. Bytes missing because the file
+    shrank (a streamed part made stale by a truncate; it is sent again) are sent as zeros,
+    so the server gets the Content-Length announced instead of waiting until it times out."""
+    end = offset + length
+    while offset < end:
+        want = min(_CHUNK, end - offset)
+        chunk = os.pread(fd, want, offset)
+        if len(chunk) < want:
+            chunk += bytes(want - len(chunk))
+        offset += want
+        yield chunk
 
 
 def _reason(status: int) -> str:
