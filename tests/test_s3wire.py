@@ -473,7 +473,7 @@ def test_redirect_falls_back_to_botocore(
         assert (data, info.etag, info.metadata) == (b"abc", "e1", {"mode": "644"})
     agents = [seen.headers["user-agent"] for seen in canned.seen]
     assert [a.startswith("poolfs-lean") for a in agents] == [True, False, True, False]
-    fell_back = [r for r in caplog.records if "lean read path got HTTP 301" in r.getMessage()]
+    fell_back = [r for r in caplog.records if "lean request path got HTTP 301" in r.getMessage()]
     assert len(fell_back) == 1  # logged once
     store.close()
 

@@ -1,7 +1,7 @@
 """S3 (and S3-compatible) store: `s3://BUCKET/PREFIX`.
 
-With `s3wire.py` (its lean read path, used only from here), the only module in poolfs that
-imports boto3, botocore, s3transfer or urllib3.
+With `s3wire.py` (its lean request path for GET, HEAD, LIST and UploadPart, used only from
+here), the only module in poolfs that imports boto3, botocore, s3transfer or urllib3.
 
 Invariants a newcomer must keep:
 
@@ -349,12 +349,12 @@ class S3Store(Store):
             self.bucket, region, self.endpoint_url, custom_endpoint=bool(options.endpoint_url)
         )
         if address is None:
-            log.debug("s3 %s: lean read path off: endpoint %s", self.url, self.endpoint_url)
+            log.debug("s3 %s: lean request path off: endpoint %s", self.url, self.endpoint_url)
             return None
         host = urllib.parse.urlsplit(address.base).hostname or ""
         proxies = urllib.request.getproxies()
         if address.base.split(":", 1)[0] in proxies and not urllib.request.proxy_bypass(host):
-            log.debug("s3 %s: lean read path off: a proxy applies to %s", self.url, host)
+            log.debug("s3 %s: lean request path off: a proxy applies to %s", self.url, host)
             return None
         botocore_session = session._session
         return LeanS3(
@@ -376,7 +376,7 @@ class S3Store(Store):
             return
         self._fallbacks_logged.add(exc.reason)
         log.warning(
-            "s3 %s %s: the lean read path got %s from %s; such calls go to the botocore "
+            "s3 %s %s: the lean request path got %s from %s; such calls go to the botocore "
             "client (slower; check the region and endpoint settings)",
             op,
             self.url,
