@@ -246,6 +246,7 @@ def _fs_options(items: list[str]) -> dict[str, str]:
 
 def _run_worker(args: argparse.Namespace) -> int:
     from poolfs.fs.core import PoolFS
+    from poolfs.fs.errors import PoolFSError
     from poolfs.fs.fuse_ops import DEFAULT_READ_AHEAD_KIB, serve
 
     _setup_logging(args)
@@ -282,6 +283,10 @@ def _run_worker(args: argparse.Namespace) -> int:
         if shutil.which("fusermount3") is None:
             raise MountError("fusermount3 not found: install fuse3 and libfuse3-3")
         fs = PoolFS(store, config)
+        # The kernel asks for the root's attributes before the first path walk; with them
+        # cached (and later revalidated in the background) no HEAD precedes the first open.
+        with contextlib.suppress(PoolFSError):
+            fs.getattr("/")
     except (InvalidStoreURL, MountError, ValueError, OSError) as exc:
         log.error("mount failed: %s", exc)
         report(f"error: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from poolfs.fs.config import FSConfig
 from poolfs.fs.core import UTIME_NOW, UTIME_OMIT, PoolFS
 from poolfs.fs.errors import ERRNO_FOR, PoolFSError
-from poolfs.fs.meta import MODE_KEY, MTIME_KEY
+from poolfs.fs.meta import MODE_KEY, MTIME_KEY, encode_meta
 from poolfs.stores import (
     Changed,
     Denied,
@@ -607,4 +608,28 @@ def test_change_log_is_kept_only_while_a_listing_is_under_way(tmp_path: Path) ->
     assert pfs._changes == {}
     assert sorted(n for n, _ in pfs.readdir("/")) == sorted(f"d{i}" for i in range(50))
     assert pfs._changes == {} and pfs._listing_since == {}
+    pfs.shutdown()
+
+
+@pytest.mark.expect_log
+def test_expired_root_attributes_are_served_while_revalidated(tmp_path: Path) -> None:
+    store = MemStore("root")
+    store.put_bytes("", b"", encode_meta(0o755, None, 0))
+    pfs = make_fs(store, tmp_path, metadata_ttl=0.05)
+    assert pfs.getattr("/").mode & 0o7777 == 0o755
+    # Another client changes the root marker; the store then goes away.
+    store.put_bytes("", b"", encode_meta(0o700, None, 0))
+    store.offline = True
+    time.sleep(0.1)
+    # Expired: the known attributes answer at once (no HEAD in front of the path walk), and
+    # a failed revalidation does not turn the mountpoint into an error.
+    assert pfs.getattr("/").mode & 0o7777 == 0o755
+    store.offline = False
+    deadline = time.monotonic() + 5
+    while pfs.getattr("/").mode & 0o7777 != 0o700:
+        assert time.monotonic() < deadline, "the root's new mode never showed"
+        time.sleep(0.02)
+    # A local chmod is not overwritten by a revalidation that was under way.
+    pfs.chmod("/", 0o750)
+    assert pfs.getattr("/").mode & 0o7777 == 0o750
     pfs.shutdown()

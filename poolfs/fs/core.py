@@ -18,6 +18,9 @@ Caching rules (close-to-open):
   file (instead of a HEAD), so the open that usually follows needs no request. The table of
   blocks fetched ahead is bounded (`_AHEAD_MAX` entries) and an entry dies with any change
   of its path.
+- The root's attributes, once expired, are answered from the cache while one HEAD
+  revalidates them in the background (the root always exists; the kernel asks for them before
+  every path walk). A change of the root marker by another client shows one getattr later.
 - getattr of a name in a freshly listed directory is served from the listing: `ls -l` costs
   LIST requests only. Such entries carry the size and LastModified of the listing plus any
   POSIX metadata this mount has read for the same version.
@@ -145,6 +148,7 @@ class PoolFS:
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._logged: set[str] = set()
+        self._root_refreshing = False
         self._started_ns = time.time_ns()
         self._executor = ThreadPoolExecutor(
             config.io_threads, thread_name_prefix="poolfs-io", initializer=_block_signals
@@ -357,8 +361,22 @@ class PoolFS:
     def _root(self) -> Node:
         with self._lock:
             cached = self._nodes.get("/")
-            if cached is not None and cached[0] is not None and self._fresh(cached[1]):
+            if cached is not None and cached[0] is not None:
+                if self._fresh(cached[1]) or self._root_refreshing:
+                    return cached[0]
+                # The root always exists and the kernel asks for its attributes before every
+                # path walk once they expire: answer with what we know and revalidate in the
+                # background, instead of a HEAD in front of every cold open.
+                self._root_refreshing = True
+                try:
+                    self._executor.submit(self._refresh_root, cached)
+                except RuntimeError:  # shutting down
+                    self._root_refreshing = False
                 return cached[0]
+        return self._fetch_root(None)
+
+    def _fetch_root(self, seen: tuple[Node | None, float] | None) -> Node:
+        """HEAD the root marker; cache the answer unless `/` changed since `seen`."""
         info: ObjectInfo | None = None
         if self.store.has_root_marker:
             try:
@@ -369,8 +387,19 @@ class PoolFS:
                 raise from_store(exc, "getattr", "/") from exc
         node = self._dir_node(info, "")
         with self._lock:
-            self._nodes["/"] = (node, self._expiry())
+            # A local chmod/utimens of "/" meanwhile replaced the entry: it is newer.
+            if seen is None or self._nodes.get("/") is seen:
+                self._put_node("/", node)
         return node
+
+    def _refresh_root(self, seen: tuple[Node | None, float]) -> None:
+        try:
+            self._fetch_root(seen)
+        except PoolFSError:
+            pass  # from_store logged it; the next getattr of "/" tries again
+        finally:
+            with self._lock:
+                self._root_refreshing = False
 
     def _resolve(self, path: str, key: str) -> Node | None:
         """Ask the store what `path` is: marker, implicit directory, file or nothing.
