@@ -268,6 +268,17 @@ def _range_size(content_range: str) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+def _signature_rejected(unsupported: Unsupported, raised: BaseException | None) -> bool:
+    """Whether a lean GET/LIST fallback is not worth a warning: a rejected signature that the
+    botocore client could not get past either is wrong credentials, reported as Denied, not
+    a lean-path problem; and a fallback that failed for another reason proved nothing."""
+    if raised is None:
+        return False
+    if isinstance(raised, botocore.exceptions.ClientError):
+        return unsupported.reason.endswith("SignatureDoesNotMatch")
+    return True
+
+
 class S3Store(Store):
     """A pool stored under `s3://bucket/prefix`. Thread-safe; see the module docstring."""
 
@@ -370,9 +381,9 @@ class S3Store(Store):
             user_agent=user_agent,
         )
 
-    def _fallback(self, op: str, exc: Unsupported, confirmed: bool = True) -> None:
+    def _fallback(self, op: str, exc: Unsupported) -> None:
         """Note that `op` went to the botocore client; the first of each kind is logged."""
-        if not confirmed or exc.reason in self._fallbacks_logged:
+        if exc.reason in self._fallbacks_logged:
             return
         self._fallbacks_logged.add(exc.reason)
         log.warning(
@@ -383,6 +394,32 @@ class S3Store(Store):
             exc.reason,
             self.endpoint_url,
         )
+
+    def _lean_or_boto(
+        self,
+        op: str,
+        lean: Callable[[LeanS3], _R],
+        boto: Callable[[], _R],
+        quiet: Callable[[Unsupported, BaseException | None], bool] = lambda _u, _e: False,
+    ) -> _R:
+        """`lean` on the lean path; without one, or when it raises Unsupported, `boto` on the
+        botocore client. The fallback is noted (`_fallback`) unless `quiet(unsupported,
+        what boto raised or None)` says the case is not worth a warning."""
+        if self.lean is None:
+            return boto()
+        try:
+            return lean(self.lean)
+        except Unsupported as exc:
+            unsupported = exc
+        raised: BaseException | None = None
+        try:
+            return boto()
+        except BaseException as exc:
+            raised = exc
+            raise
+        finally:
+            if not quiet(unsupported, raised):
+                self._fallback(op, unsupported)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
@@ -434,17 +471,11 @@ class S3Store(Store):
     def _head_object(self, op: str, s3key: str, if_match: str | None) -> Mapping[str, Any]:
         """HeadObject on the lean path, or on the botocore client; botocore's shape."""
         quoted = None if if_match is None else _quote(if_match)
-        if self.lean is not None:
-            try:
-                return self.lean.head(s3key, quoted)
-            except Unsupported as exc:
-                unsupported = exc
-            try:
-                response = self._head_object_boto(s3key, quoted)
-            finally:
-                self._fallback(op, unsupported)
-            return response
-        return self._head_object_boto(s3key, quoted)
+        return self._lean_or_boto(
+            op,
+            lambda lean: lean.head(s3key, quoted),
+            lambda: self._head_object_boto(s3key, quoted),
+        )
 
     def _head_object_boto(self, s3key: str, quoted_etag: str | None) -> Mapping[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": s3key}
@@ -529,22 +560,12 @@ class S3Store(Store):
     ) -> tuple[bytes, Mapping[str, Any]]:
         """GetObject on the lean path (body read inside its attempts) or on the botocore
         client; raises what the botocore client raises."""
-        if self.lean is not None:
-            try:
-                return self.lean.get(s3key, byte_range, quoted_etag)
-            except Unsupported as exc:
-                unsupported = exc
-            confirmed = False
-            try:
-                result = self._get_object_boto(key, s3key, byte_range, quoted_etag)
-                confirmed = True
-            except botocore.exceptions.ClientError:
-                confirmed = not unsupported.reason.endswith("SignatureDoesNotMatch")
-                raise
-            finally:
-                self._fallback("get", unsupported, confirmed)
-            return result
-        return self._get_object_boto(key, s3key, byte_range, quoted_etag)
+        return self._lean_or_boto(
+            "get",
+            lambda lean: lean.get(s3key, byte_range, quoted_etag),
+            lambda: self._get_object_boto(key, s3key, byte_range, quoted_etag),
+            _signature_rejected,
+        )
 
     def _get_object_boto(
         self, key: str, s3key: str, byte_range: str, quoted_etag: str | None
@@ -753,22 +774,12 @@ class S3Store(Store):
         self, s3prefix: str, delimiter: str | None, token: str | None, max_keys: int
     ) -> ListResult:
         """One ListObjectsV2 page on the lean path, or on the botocore client."""
-        if self.lean is not None:
-            try:
-                return self.lean.list_page(s3prefix, delimiter, token, max_keys)
-            except Unsupported as exc:
-                unsupported = exc
-            confirmed = False
-            try:
-                result = self._list_page_boto(s3prefix, delimiter, token, max_keys)
-                confirmed = True
-            except botocore.exceptions.ClientError:
-                confirmed = not unsupported.reason.endswith("SignatureDoesNotMatch")
-                raise
-            finally:
-                self._fallback("list", unsupported, confirmed)
-            return result
-        return self._list_page_boto(s3prefix, delimiter, token, max_keys)
+        return self._lean_or_boto(
+            "list",
+            lambda lean: lean.list_page(s3prefix, delimiter, token, max_keys),
+            lambda: self._list_page_boto(s3prefix, delimiter, token, max_keys),
+            _signature_rejected,
+        )
 
     def _list_page_boto(
         self, s3prefix: str, delimiter: str | None, token: str | None, max_keys: int
@@ -871,20 +882,14 @@ class _S3Upload(Upload):
     ) -> Mapping[str, Any]:
         """UploadPart on the lean path (unsigned payload, no SHA-256 of the part), or on the
         botocore client; botocore's shape."""
-        store = self._store
-        if store.lean is not None:
-            try:
-                return store.lean.upload_part(self._s3key, upload_id, number, fd, offset, length)
-            except Unsupported as exc:
-                unsupported = exc
-            try:
-                response = self._upload_part_boto(upload_id, number, fd, offset, length)
-            finally:
-                # BadDigest: the part changed between its checksum and its sending (a write
-                # invalidating a streamed part) or was damaged on the way; not a setting.
-                store._fallback("put", unsupported, confirmed="BadDigest" not in unsupported.reason)
-            return response
-        return self._upload_part_boto(upload_id, number, fd, offset, length)
+        return self._store._lean_or_boto(
+            "put",
+            lambda lean: lean.upload_part(self._s3key, upload_id, number, fd, offset, length),
+            lambda: self._upload_part_boto(upload_id, number, fd, offset, length),
+            # BadDigest: the part changed between its checksum and its sending (a write
+            # invalidating a streamed part) or was damaged on the way; not a setting.
+            lambda unsupported, _raised: "BadDigest" in unsupported.reason,
+        )
 
     def _upload_part_boto(
         self, upload_id: str, number: int, fd: int, offset: int, length: int
