@@ -38,16 +38,26 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield ex
 
 
-def make(rec: Recorder, pool: ThreadPoolExecutor, budget: ByteBudget) -> ReadAhead:
+def read_ahead(
+    fetch: Callable[[int, int], bytes],
+    executor: Executor,
+    budget: ByteBudget | None = None,
+    min_block: int = 128 * KiB,
+) -> ReadAhead:
+    """The ReadAhead the tests use: 4 MiB parts, 16 MiB window, over SIZE bytes."""
     return ReadAhead(
-        rec.fetch,
+        fetch,
         SIZE,
-        executor=pool,
-        budget=budget,
+        executor=executor,
+        budget=budget if budget is not None else ByteBudget(64 * MiB),
         part_size=4 * MiB,
         max_window=16 * MiB,
-        min_block=128 * KiB,
+        min_block=min_block,
     )
+
+
+def make(rec: Recorder, pool: ThreadPoolExecutor, budget: ByteBudget) -> ReadAhead:
+    return read_ahead(rec.fetch, pool, budget)
 
 
 def test_sequential_reads_are_correct_and_prefetch_ahead(pool: ThreadPoolExecutor) -> None:
@@ -74,15 +84,7 @@ def test_first_read_waits_only_for_what_it_asks(pool: ThreadPoolExecutor) -> Non
             gate.wait(5)  # prefetches stall; the demand read must not wait for them
         return rec.fetch(start, end)
 
-    ra = ReadAhead(
-        slow,
-        SIZE,
-        executor=pool,
-        budget=ByteBudget(64 * MiB),
-        part_size=4 * MiB,
-        max_window=16 * MiB,
-        min_block=128 * KiB,
-    )
+    ra = read_ahead(slow, pool)
     assert ra.read(0, 4096) == DATA[:4096]
     assert rec.calls[0] == (0, 128 * KiB)
     gate.set()
@@ -145,15 +147,7 @@ def test_demand_reads_run_in_the_calling_thread(pool: ThreadPoolExecutor) -> Non
         threads.append(threading.current_thread().name)
         return DATA[start:end]
 
-    ra = ReadAhead(
-        fetch,
-        SIZE,
-        executor=pool,
-        budget=ByteBudget(64 * MiB),
-        part_size=4 * MiB,
-        max_window=16 * MiB,
-        min_block=4 * KiB,
-    )
+    ra = read_ahead(fetch, pool, min_block=4 * KiB)
     for offset in (40 * MiB, 3 * MiB, 10 * MiB):
         assert ra.read(offset, 4 * KiB) == DATA[offset : offset + 4 * KiB]
     assert threads == [threading.current_thread().name] * 3
@@ -168,15 +162,7 @@ def test_a_failed_fetch_is_tried_again(pool: ThreadPoolExecutor) -> None:
             raise failures.pop()
         return DATA[start:end]
 
-    ra = ReadAhead(
-        fetch,
-        SIZE,
-        executor=pool,
-        budget=ByteBudget(64 * MiB),
-        part_size=4 * MiB,
-        max_window=16 * MiB,
-        min_block=4 * KiB,
-    )
+    ra = read_ahead(fetch, pool, min_block=4 * KiB)
     with pytest.raises(OSError):
         ra.read(5 * MiB, 4 * KiB)
     assert ra.read(5 * MiB, 4 * KiB) == DATA[5 * MiB : 5 * MiB + 4 * KiB]
@@ -210,15 +196,7 @@ def test_read_span_points_into_the_fetched_part_without_copying(
         fetched[(start, end)] = data
         return data
 
-    ra = ReadAhead(
-        fetch,
-        SIZE,
-        executor=pool,
-        budget=ByteBudget(64 * MiB),
-        part_size=4 * MiB,
-        max_window=16 * MiB,
-        min_block=128 * KiB,
-    )
+    ra = read_ahead(fetch, pool)
     data, lo, hi = ra.read_span(4 * MiB + 10, 1000)  # random: one extent of min_block
     assert data is fetched[(4 * MiB + 10, 4 * MiB + 10 + 128 * KiB)]
     assert (lo, hi) == (0, 1000)
@@ -246,15 +224,7 @@ def test_a_read_waiting_for_a_part_a_later_read_trimmed_still_gets_it() -> None:
             return fut
 
     rec = Recorder()
-    ra = ReadAhead(
-        rec.fetch,
-        SIZE,
-        executor=Later(),
-        budget=ByteBudget(64 * MiB),
-        part_size=4 * MiB,
-        max_window=16 * MiB,
-        min_block=128 * KiB,
-    )
+    ra = read_ahead(rec.fetch, Later())
     assert ra.read(0, MiB) == DATA[:MiB]  # prefetches [1, 4) and [4, 8) MiB, not run yet
     got: list[bytes] = []
     reader_a = threading.Thread(target=lambda: got.append(ra.read(MiB, 3 * MiB)))
