@@ -284,9 +284,11 @@ def _run_worker(args: argparse.Namespace) -> int:
             raise MountError("fusermount3 not found: install fuse3 and libfuse3-3")
         fs = PoolFS(store, config)
         # The kernel asks for the root's attributes before the first path walk; with them
-        # cached (and later revalidated in the background) no HEAD precedes the first open.
+        # cached (and later revalidated in the background) no HEAD precedes the first open,
+        # and with the lookup's threads and connections started none is made during it.
         with contextlib.suppress(PoolFSError):
             fs.getattr("/")
+        fs.warm_up()
     except (InvalidStoreURL, MountError, ValueError, OSError) as exc:
         log.error("mount failed: %s", exc)
         report(f"error: {exc}")

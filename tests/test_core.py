@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -20,6 +21,7 @@ from poolfs.stores import (
     Denied,
     ListPage,
     NotFound,
+    ObjectInfo,
     Store,
     StoreError,
     Throttled,
@@ -633,3 +635,62 @@ def test_expired_root_attributes_are_served_while_revalidated(tmp_path: Path) ->
     pfs.chmod("/", 0o750)
     assert pfs.getattr("/").mode & 0o7777 == 0o750
     pfs.shutdown()
+
+
+class ThreadRecordingStore(MemStore):
+    """Records which threads call the store and how many calls overlap at most."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.threads: set[int] = set()
+        self.peak = 0
+        self._running = 0
+        self._count_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        with self._count_lock:
+            self.threads.add(threading.get_ident())
+            self._running += 1
+            self.peak = max(self.peak, self._running)
+        try:
+            time.sleep(0.01)  # long enough for overlapping calls to be seen overlapping
+            yield
+        finally:
+            with self._count_lock:
+                self._running -= 1
+
+    def any_below(self, prefix: str) -> bool:
+        with self._call():
+            return super().any_below(prefix)
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._call():
+            return super().head(key)
+
+
+def test_warm_up_starts_the_threads_a_cold_lookup_uses(tmp_path: Path) -> None:
+    store = ThreadRecordingStore("warm")
+    store.put_bytes("d/f", b"x", {})
+    pfs = make_fs(store, tmp_path)
+    pfs.warm_up()
+    # Three overlapping requests, as a lookup sends them, each from its own I/O thread.
+    assert store.peak == 3
+    warmed = set(store.threads)
+    assert len(warmed) == 3 and threading.get_ident() not in warmed
+    store.threads.clear()
+    assert pfs.getattr("/d/f").size == 1  # a cold lookup: GET here, HEAD and LIST beside it
+    assert store.threads - {threading.get_ident()} <= warmed
+    assert store.threads - {threading.get_ident()}
+    assert pfs.shutdown() == []
+
+
+def test_warm_up_ignores_an_unreachable_store(tmp_path: Path) -> None:
+    store = ThreadRecordingStore("warm-down")
+    store.offline = True
+    pfs = make_fs(store, tmp_path)
+    started = time.monotonic()
+    pfs.warm_up()
+    assert time.monotonic() - started < 1.0
+    assert store.peak == 3
+    assert pfs.shutdown() == []
