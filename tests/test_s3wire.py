@@ -45,7 +45,7 @@ from poolfs.stores import (
     open_store,
     s3wire,
 )
-from poolfs.stores.s3 import S3Store, _S3Upload, _seconds_ns
+from poolfs.stores.s3 import S3Store, _S3Upload
 from poolfs.stores.s3wire import (
     THROTTLING_CODES,
     TRANSIENT_CODES,
@@ -57,6 +57,7 @@ from poolfs.stores.s3wire import (
     http_date,
     iso_seconds_ns,
     parse_list_page,
+    seconds_ns,
 )
 from tests.fixtures_servers import S3Bucket
 from tests.servers import ACCESS_KEY, SECRET_KEY
@@ -112,7 +113,7 @@ def test_list_parser_matches_botocore(encoded: bool, truncated: bool) -> None:
     expected = _botocore_list(body)
     got = parse_list_page(body)
     assert got.objects == [
-        (c["Key"], c["Size"], c["ETag"], _seconds_ns(c["LastModified"]))
+        (c["Key"], c["Size"], c["ETag"], seconds_ns(c["LastModified"]))
         for c in expected["Contents"]
     ]
     assert got.prefixes == [p["Prefix"] for p in expected["CommonPrefixes"]]
@@ -144,7 +145,7 @@ def test_empty_listing_without_namespace() -> None:
 def test_iso_timestamp_matches_botocore(text: str) -> None:
     from botocore.utils import parse_timestamp
 
-    assert iso_seconds_ns(text) == _seconds_ns(parse_timestamp(text))
+    assert iso_seconds_ns(text) == seconds_ns(parse_timestamp(text))
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_iso_timestamp_matches_botocore(text: str) -> None:
 def test_http_date_matches_botocore(text: str) -> None:
     from botocore.utils import parse_timestamp
 
-    assert _seconds_ns(http_date(text)) == _seconds_ns(parse_timestamp(text))
+    assert seconds_ns(http_date(text)) == seconds_ns(parse_timestamp(text))
 
 
 def test_retry_tables_match_botocore() -> None:

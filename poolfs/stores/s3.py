@@ -78,9 +78,7 @@ Invariants a newcomer must keep:
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
-import datetime
 import email.utils
 import logging
 import os
@@ -113,7 +111,15 @@ from poolfs.stores.base import (
     Transient,
     Upload,
 )
-from poolfs.stores.s3wire import LeanS3, ListResult, Unsupported, address_for
+from poolfs.stores.s3wire import (
+    KEPT_HEADERS,
+    LeanS3,
+    ListResult,
+    PartView,
+    Unsupported,
+    address_for,
+    seconds_ns,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -126,7 +132,7 @@ _R = TypeVar("_R")
 _MAX_PARTS = 10_000
 _PAGE_SIZE = 1000
 # Headers a metadata-replacing copy would otherwise reset to defaults.
-_KEPT_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage")
+_KEPT_HEADERS = tuple(KEPT_HEADERS.values())  # the content headers a copy keeps
 
 # --- error mapping: the one table ------------------------------------------------------------
 
@@ -251,17 +257,13 @@ def _quote(etag: str) -> str:
     return f'"{etag}"'
 
 
-def _seconds_ns(when: datetime.datetime) -> int:
-    return calendar.timegm(when.utctimetuple()) * 1_000_000_000
-
-
 def _response_time_ns(response: Mapping[str, Any]) -> int:
     headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     for name in ("last-modified", "date"):
         value = headers.get(name)
         if value:
             try:
-                return _seconds_ns(email.utils.parsedate_to_datetime(value))
+                return seconds_ns(email.utils.parsedate_to_datetime(value))
             except (TypeError, ValueError):
                 continue
     return time.time_ns() // 1_000_000_000 * 1_000_000_000
@@ -284,7 +286,7 @@ def _signature_rejected(unsupported: Unsupported, raised: BaseException | None) 
     if raised is None:
         return False
     if isinstance(raised, botocore.exceptions.ClientError):
-        return unsupported.reason.endswith("SignatureDoesNotMatch")
+        return unsupported.code == "SignatureDoesNotMatch"
     return True
 
 
@@ -498,7 +500,7 @@ class S3Store(Store):
             key,
             size,
             _unquote(response["ETag"]),
-            _seconds_ns(response["LastModified"]),
+            seconds_ns(response["LastModified"]),
             dict(response.get("Metadata", {})),
         )
 
@@ -721,7 +723,7 @@ class S3Store(Store):
                     dst,
                     size,
                     _unquote(result["ETag"]),
-                    _seconds_ns(result["LastModified"]),
+                    seconds_ns(result["LastModified"]),
                     meta,
                 )
             self._managed_copy(copy_source, dst_key, size, extra)
@@ -806,7 +808,7 @@ class S3Store(Store):
                     item["Key"],
                     int(item["Size"]),
                     item["ETag"],
-                    _seconds_ns(item["LastModified"]),
+                    seconds_ns(item["LastModified"]),
                 )
                 for item in page.get("Contents", ())
             ],
@@ -897,7 +899,7 @@ class _S3Upload(Upload):
             lambda: self._upload_part_boto(upload_id, number, fd, offset, length),
             # BadDigest: the part changed between its checksum and its sending (a write
             # invalidating a streamed part) or was damaged on the way; not a setting.
-            lambda unsupported, _raised: "BadDigest" in unsupported.reason,
+            lambda unsupported, _raised: unsupported.code == "BadDigest",
         )
 
     def _upload_part_boto(
@@ -909,24 +911,21 @@ class _S3Upload(Upload):
             Key=self._s3key,
             UploadId=upload_id,
             PartNumber=number,
-            Body=_PartView(fd, offset, length),  # type: ignore[arg-type]
+            Body=PartView(fd, offset, length),  # type: ignore[arg-type]
         )
 
     def complete(self, parts: int) -> ObjectInfo:
         store = self._store
         with self._lock:
             missing = [n for n in range(1, parts + 1) if n not in self._parts]
-            listed: list[CompletedPartTypeDef] = [
-                {"PartNumber": n, "ETag": self._parts[n][0]}
-                for n in range(1, parts + 1)
-                if n in self._parts
-            ]
-            size = sum(self._parts[n][1] for n in range(1, parts + 1) if n in self._parts)
+            stored = [] if missing else [(n, *self._parts[n]) for n in range(1, parts + 1)]
             upload_id = self._upload_id
         if missing or upload_id is None:
             self.abort()
             where = store._where(self.key)
             raise StoreError(f"s3 put {where}: parts {missing} never stored", self.key)
+        listed: list[CompletedPartTypeDef] = [{"PartNumber": n, "ETag": e} for n, e, _ in stored]
+        size = sum(part_size for _, _, part_size in stored)
         try:
             response = store._client.complete_multipart_upload(
                 Bucket=store.bucket,
@@ -977,40 +976,3 @@ def _run_parallel(work: Callable[[int], _R], items: range, concurrency: int) -> 
             for future in futures:
                 future.cancel()
             raise
-
-
-class _PartView:
-    """A read-only, seekable file view of `length` bytes at `offset` of `fd`."""
-
-    # botocore sizes the body with len(), streams it with read() and rewinds it with
-    # seek(0) before a retry; positions are relative to the part.
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self._fd = fd
-        self._offset = offset
-        self._length = length
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return self._length - self._pos
-
-    def read(self, amount: int = -1) -> bytes:
-        left = self._length - self._pos
-        if amount < 0 or amount > left:
-            amount = left
-        data = os.pread(self._fd, amount, self._offset + self._pos)
-        if len(data) < amount:
-            # The file shrank under a part being sent (a streamed upload whose file was
-            # truncated; that part is stale and sent again): send the length announced in
-            # Content-Length rather than leave the server waiting for bytes until it times out.
-            data += bytes(amount - len(data))
-        self._pos += len(data)
-        return data
-
-    def seek(self, where: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._length}[whence]
-        self._pos = max(0, min(self._length, base + where))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos

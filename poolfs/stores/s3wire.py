@@ -114,7 +114,7 @@ _REDIRECT_CODES = frozenset(
     {"AuthorizationHeaderMalformed", "PermanentRedirect", "TemporaryRedirect", "Redirect"}
 )
 
-_KEPT_HEADERS = {
+KEPT_HEADERS = {
     "content-type": "ContentType",
     "content-encoding": "ContentEncoding",
     "content-disposition": "ContentDisposition",
@@ -127,10 +127,11 @@ _AWS_HOST = re.compile(r"^s3(?:\.(?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
 class Unsupported(Exception):
     """An answer the lean path does not understand; repeat the call on the botocore client."""
 
-    def __init__(self, reason: str, status: int) -> None:
+    def __init__(self, reason: str, status: int, code: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.code = code  # the S3 error code, where the answer had one
 
 
 # --- timestamps --------------------------------------------------------------------------------
@@ -166,10 +167,11 @@ def iso_seconds_ns(text: str) -> int:
                 return _epoch_seconds(y, mo, d, h, mi, s) * 1_000_000_000
             except ValueError:
                 pass
-    return _datetime_seconds_ns(botocore.utils.parse_timestamp(text))
+    return seconds_ns(botocore.utils.parse_timestamp(text))
 
 
-def _datetime_seconds_ns(when: datetime.datetime) -> int:
+def seconds_ns(when: datetime.datetime) -> int:
+    """An aware datetime as whole seconds in ns (S3 versions have one-second resolution)."""
     return calendar.timegm(when.utctimetuple()) * 1_000_000_000
 
 
@@ -505,8 +507,8 @@ class LeanS3:
             lower = name.lower()
             if lower.startswith(_META_PREFIX):
                 metadata[name[cut:]] = headers[name]
-            elif lower in _KEPT_HEADERS:
-                fields[_KEPT_HEADERS[lower]] = headers[name]
+            elif lower in KEPT_HEADERS:
+                fields[KEPT_HEADERS[lower]] = headers[name]
         fields["Metadata"] = metadata
         return fields
 
@@ -612,7 +614,7 @@ class LeanS3:
             # RequestTimeout (400: the body came too slowly) is retried here as by botocore.
             code = _error_fields(body)[0] or str(status)
             if code not in TRANSIENT_CODES and code not in THROTTLING_CODES:
-                raise Unsupported(f"HTTP {status} {code} to an unsigned part", status)
+                raise Unsupported(f"HTTP {status} {code} to an unsigned part", status, code)
         if method == "HEAD":
             if status == 400:
                 raise Unsupported("HTTP 400 to HEAD (no body to tell why)", status)
@@ -622,11 +624,11 @@ class LeanS3:
             if not code:
                 code, message = str(status), _reason(status)
             if code in _REDIRECT_CODES:
-                raise Unsupported(f"HTTP {status} {code}", status)
+                raise Unsupported(f"HTTP {status} {code}", status, code)
             if code == "SignatureDoesNotMatch":
                 # Wrong secret, or a request this signer encodes differently from botocore:
                 # botocore decides (and raises Denied for a wrong secret).
-                raise Unsupported(f"HTTP {status} {code}", status)
+                raise Unsupported(f"HTTP {status} {code}", status, code)
         response: Any = {
             "Error": {"Code": code, "Message": message},
             "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": dict(headers)},
@@ -637,17 +639,50 @@ class LeanS3:
 _CHUNK = 1024 * 1024
 
 
+class PartView:
+    """A read-only, seekable file view of `length` bytes at `offset` of `fd`: the body of one
+    part, for the lean path (`_file_chunks`) and for botocore's UploadPart alike.
+
+    Bytes missing because the file shrank under the part (a streamed upload whose file was
+    truncated; that part is stale and sent again) are read as zeros, so the server gets the
+    Content-Length announced instead of waiting for bytes until it times out.
+    """
+
+    # botocore sizes the body with len(), streams it with read() and rewinds it with
+    # seek(0) before a retry; positions are relative to the part.
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._length - self._pos
+
+    def read(self, amount: int = -1) -> bytes:
+        left = self._length - self._pos
+        if amount < 0 or amount > left:
+            amount = left
+        data = os.pread(self._fd, amount, self._offset + self._pos)
+        if len(data) < amount:
+            data += bytes(amount - len(data))
+        self._pos += len(data)
+        return data
+
+    def seek(self, where: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, min(self._length, base + where))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 def _file_chunks(fd: int, offset: int, length: int) -> Iterator[bytes]:
-    """`length` bytes of `fd` at `offset` in 1 MiB preads. Bytes missing because the file
-    shrank (a streamed part made stale by a truncate; it is sent again) are sent as zeros,
-    so the server gets the Content-Length announced instead of waiting until it times out."""
-    end = offset + length
-    while offset < end:
-        want = min(_CHUNK, end - offset)
-        chunk = os.pread(fd, want, offset)
-        if len(chunk) < want:
-            chunk += bytes(want - len(chunk))
-        offset += want
+    """`length` bytes of `fd` at `offset` in 1 MiB preads (`PartView`)."""
+    view = PartView(fd, offset, length)
+    while chunk := view.read(_CHUNK):
         yield chunk
 
 
