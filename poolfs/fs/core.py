@@ -68,7 +68,7 @@ from poolfs.fs.meta import (
     path_to_key,
     valid_name,
 )
-from poolfs.fs.readahead import ByteBudget, Span, span_bytes
+from poolfs.fs.readahead import ByteBudget, Span, done_future, span_bytes
 from poolfs.stores import NotFound, ObjectInfo, Store, StoreError
 
 log = logging.getLogger("poolfs.fs")
@@ -453,10 +453,8 @@ class PoolFS:
                 return self._dir_node(None, marker)
             if file_info is None:
                 return None
-            done: Future[tuple[bytes, ObjectInfo]] = Future()
-            done.set_result((first, file_info))
             with self._lock:
-                self._put_ahead(key, done, started)
+                self._put_ahead(key, done_future((first, file_info)), started)
             return self._file_node(file_info)
         except StoreError as exc:
             raise from_store(exc, "lookup", path) from exc
@@ -1048,7 +1046,8 @@ class PoolFS:
             replaced.unlink()
         # A file streamed while written has no stored mtime (its LastModified stands for it,
         # see files.py), and the copy gets a new LastModified: pin the mtime it showed.
-        meta = encode_meta(src.mode, src.mtime_ns, src.atime_ns) if src.has_meta else None
+        shown = encode_meta(src.mode, src.mtime_ns, src.atime_ns)
+        meta = shown if src.has_meta else None
         try:
             info = self.store.copy(old_key, new_key, meta)
             self.store.delete(old_key)
@@ -1063,9 +1062,8 @@ class PoolFS:
                 self._staged[new] = sf
         node = dataclasses.replace(src, etag=info.etag, ctime_ns=self._now())
         if info.metadata is None:
-            seen_meta = encode_meta(src.mode, src.mtime_ns, src.atime_ns)
             with self._lock:
-                self._meta_seen[new_key] = (info.etag, info.last_modified_ns // 10**9, seen_meta)
+                self._meta_seen[new_key] = (info.etag, info.last_modified_ns // 10**9, shown)
         self._set_node(old, None)
         self._set_node(new, node)
 

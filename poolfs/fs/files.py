@@ -281,12 +281,12 @@ class _PartStream:
             )
             error = self.error
             self._aborting = True
+        if error is not None:
+            self._end()
+            if isinstance(error, StoreError):
+                raise error
+            raise StoreError(f"upload of part failed: {error!r}", self.key) from error
         try:
-            if error is not None:
-                self.upload.abort()
-                if isinstance(error, StoreError):
-                    raise error
-                raise StoreError(f"upload of part failed: {error!r}", self.key) from error
             return self.upload.complete(count)
         finally:
             os.close(self._fd)

@@ -31,10 +31,12 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
+from typing import TypeVar
 
 Fetch = Callable[[int, int], bytes]
 # `data[lo:hi]` is the answer, not yet copied out of `data` (bytes, so immutable).
 Span = tuple[bytes, int, int]
+_T = TypeVar("_T")
 
 
 def span_bytes(span: Span) -> bytes:
@@ -75,9 +77,10 @@ class _Extent:
     reserved: int  # bytes taken from the budget (0 for demand reads)
 
 
-def _done(data: bytes) -> Future[bytes]:
-    fut: Future[bytes] = Future()
-    fut.set_result(data)
+def done_future(result: _T) -> Future[_T]:
+    """A future that already holds `result`."""
+    fut: Future[_T] = Future()
+    fut.set_result(result)
     return fut
 
 
@@ -116,7 +119,7 @@ class ReadAhead:
         """Offer bytes already fetched (the GET made at open)."""
         if data:
             with self._lock:
-                self._extents.append(_Extent(start, start + len(data), _done(data), 0))
+                self._extents.append(_Extent(start, start + len(data), done_future(data), 0))
 
     def read(self, offset: int, size: int) -> bytes:
         return span_bytes(self.read_span(offset, size))
@@ -148,8 +151,10 @@ class ReadAhead:
                 data = ext.future.result()
             except CancelledError:
                 # A concurrent sequential read further on trimmed this part before it ran
-                # (FUSE threads read one handle in parallel): fetch it here instead.
-                data = self._fetch(ext.start, ext.end)
+                # (FUSE threads read one handle in parallel): fetch what is asked of it here.
+                data = self._fetch(max(offset, ext.start), min(end, ext.end))
+                spans.append((data, 0, len(data)))
+                continue
             lo = max(offset, ext.start) - ext.start
             hi = min(end, ext.end) - ext.start
             spans.append((data, lo, min(hi, len(data))))
@@ -228,7 +233,7 @@ class ReadAhead:
 
     def _submit(self, start: int, end: int, reserved: int) -> _Extent:
         if start == end:
-            ext = _Extent(start, end, _done(b""), reserved)
+            ext = _Extent(start, end, done_future(b""), reserved)
         else:
             ext = _Extent(start, end, self._executor.submit(self._fetch, start, end), reserved)
         self._extents.append(ext)
