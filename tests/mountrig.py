@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from poolfs.mounts import find_mount, pid_alive, read_worker_state
 
@@ -156,3 +158,11 @@ class Mount:
     def remount(self) -> None:
         self.umount()
         self.mount()
+
+
+def oserror(fn: Callable[..., object], *args: object) -> int:
+    """The errno of the OSError `fn(*args)` raises (a file operation on a mount)."""
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno is not None
+    return info.value.errno

@@ -13,17 +13,10 @@ import pytest
 
 from poolfs.mounts import find_mount
 from tests.conftest import Backend, MountFactory
-from tests.mountrig import POOLFS, Mount, run
+from tests.mountrig import POOLFS, Mount, oserror, run
 from tests.servers import MotoServer
 
 pytestmark = pytest.mark.fuse
-
-
-def oserror(fn: object, *args: object) -> int:
-    with pytest.raises(OSError) as info:
-        fn(*args)  # type: ignore[operator]
-    assert info.value.errno is not None
-    return info.value.errno
 
 
 def key(backend: Backend, name: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from poolfs.mounts import find_mount
 from tests.conftest import Backend, MountFactory, _make_backend
+from tests.mountrig import oserror
 from tests.servers import MotoServer
 
 pytestmark = pytest.mark.fuse
@@ -46,6 +47,11 @@ def uploads(backend: Backend) -> list[str]:
     return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
+def wait_uploading(backend: Backend, key: str) -> None:
+    """Wait until `key` (and only it) has a multipart upload in progress."""
+    wait_for("an upload is in progress", lambda: uploads(backend) == [key])
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -67,7 +73,7 @@ def test_sequential_write_is_uploaded_before_close(s3_any: Backend, mounter: Mou
     try:
         write_all(fd, data)
         # The upload is under way while the file is open, and the old object still shows.
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/big"])
+        wait_uploading(s3_any, "pool/big")
         assert s3_any.get("pool/big") == b"previous"
         os.fchmod(fd, 0o600)
     finally:
@@ -143,7 +149,7 @@ def test_truncate_after_parts_were_sent(s3_any: Backend, mounter: MountFactory) 
     fd = os.open(m.path / "f", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         write_all(fd, data)
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/f"])
+        wait_uploading(s3_any, "pool/f")
         cut = 2 * PART + 5000  # inside part 3, which may be stored already
         os.ftruncate(fd, cut)
         write_all(fd, tail, cut)
@@ -184,7 +190,7 @@ def test_append_and_random_writes(s3_any: Backend, mounter: MountFactory) -> Non
         for start in range(0, len(more), MiB):
             f.write(more[start : start + MiB])
             f.flush()
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/f"])
+        wait_uploading(s3_any, "pool/f")
     assert s3_any.get("pool/f") == first + more
     # Writes out of order: the object is still exactly the bytes written.
     expected = bytearray(6 * PART)
@@ -252,7 +258,7 @@ def test_unlink_while_writing_leaves_nothing(s3_any: Backend, mounter: MountFact
     fd = os.open(m.path / "f", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         write_all(fd, data)
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/f"])
+        wait_uploading(s3_any, "pool/f")
         os.unlink(m.path / "f")
         wait_for("the upload is aborted", lambda: uploads(s3_any) == [])
         write_all(fd, b"more", len(data))
@@ -270,7 +276,7 @@ def test_rename_while_writing(s3_any: Backend, mounter: MountFactory) -> None:
     fd = os.open(m.path / "a", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         write_all(fd, data[: 3 * PART])
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/a"])
+        wait_uploading(s3_any, "pool/a")
         os.rename(m.path / "a", m.path / "b")
         write_all(fd, data[3 * PART :], 3 * PART)
     finally:
@@ -286,7 +292,7 @@ def test_explicit_mtime_while_writing_is_stored(s3_any: Backend, mounter: MountF
     fd = os.open(m.path / "f", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         write_all(fd, data)
-        wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/f"])
+        wait_uploading(s3_any, "pool/f")
         os.utime(fd, ns=(ATIME, MTIME))  # as cp -p does before its close
     finally:
         os.close(fd)
@@ -302,7 +308,7 @@ def test_sigterm_while_writing_stores_the_file(s3_any: Backend, mounter: MountFa
     data = os.urandom(4 * PART + 99)
     fd = os.open(m.path / "f", os.O_CREAT | os.O_WRONLY, 0o644)
     write_all(fd, data)
-    wait_for("an upload is in progress", lambda: uploads(s3_any) == ["pool/f"])
+    wait_uploading(s3_any, "pool/f")
     assert m.pid is not None
     os.kill(m.pid, 15)
     wait_for("the worker ended", lambda: not m.alive(), timeout=60)
@@ -313,10 +319,3 @@ def test_sigterm_while_writing_stores_the_file(s3_any: Backend, mounter: MountFa
     assert s3_any.get("pool/f") == data
     assert uploads(s3_any) == []
     m.mount()
-
-
-def oserror(fn: Callable[..., object], *args: object) -> int:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno is not None
-    return info.value.errno

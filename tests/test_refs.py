@@ -31,6 +31,7 @@ from poolfs.refs import (
     parse_execution_body,
     request_schema,
 )
+from tests import examples
 from tests.examples import EXAMPLES, examples_program
 
 if TYPE_CHECKING:
@@ -38,9 +39,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.core
 
-ID1 = "a1b2c3d4-e5f6-7890-1234-567890abcdef"
-ID2 = "b1b2c3d4-e5f6-7890-1234-567890abcdef"
-ID3 = "c1b2c3d4-e5f6-7890-1234-567890abcdef"
+ID1, ID2, ID3 = str(examples.ID1), str(examples.ID2), str(examples.ID3)
 
 
 # The guide's request bodies, verbatim.
