@@ -487,7 +487,7 @@ class MountManager:
                 )
                 errors.extend(
                     f"{param!r}: the upload of {path!r} failed; its bytes are kept in "
-                    f"{self.config.worker.spill_dir}/lost+found"
+                    f"{self.config.worker.options.spill_dir}/lost+found"
                     for path in result.failed_uploads
                 )
                 errors.extend(f"{param!r}: {line}" for line in result.errors)

@@ -37,6 +37,7 @@ from poolfs.catalog import Catalog
 from poolfs.grants import GrantSecret
 from poolfs.mounts import worker_env
 from poolfs.stores import StoreError, StoreOptions, parse_store_url
+from poolfs.workerproc import WorkerOptions
 
 __all__ = ["bind_unix_socket", "serve", "socket_in_use", "worker_environment"]
 
@@ -121,7 +122,7 @@ class _Server(uvicorn.Server):
 
 
 def manager_config(settings: MountdSettings, environ: Mapping[str, str]) -> ManagerConfig:
-    worker = WorkerConfig(
+    options = WorkerOptions(
         python=sys.executable,
         spill_dir=str(settings.spill_dir),
         max_file_size=settings.max_file_size,
@@ -131,6 +132,9 @@ def manager_config(settings: MountdSettings, environ: Mapping[str, str]) -> Mana
         allow_other=settings.allow_other,
         endpoint_url=settings.s3_endpoint_url,
         store_timeout=settings.store_timeout,
+    )
+    worker = WorkerConfig(
+        options=options,
         ready_timeout=settings.worker_ready_timeout,
         env=worker_environment(environ),
     )

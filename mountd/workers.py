@@ -39,7 +39,7 @@ from poolfs.mounts import (
     read_worker_state,
     worker_state_path,
 )
-from poolfs.workerproc import READY, WorkerSpec, last_log_line
+from poolfs.workerproc import READY, WorkerOptions, WorkerSpec, last_log_line
 
 __all__ = [
     "StopResult",
@@ -68,15 +68,7 @@ class WorkerStartError(RuntimeError):
 class WorkerConfig:
     """What every worker is started with (from mountd's settings)."""
 
-    python: str
-    spill_dir: str
-    max_file_size: int
-    metadata_ttl: float
-    uid: int
-    gid: int
-    allow_other: bool
-    endpoint_url: str | None
-    store_timeout: float
+    options: WorkerOptions
     ready_timeout: float
     env: Mapping[str, str]
 
@@ -173,20 +165,7 @@ class Worker:
 
     @staticmethod
     def spec(config: WorkerConfig, pool_url: str, mountpoint: str, read_only: bool) -> WorkerSpec:
-        return WorkerSpec(
-            pool_url=pool_url,
-            mountpoint=mountpoint,
-            spill_dir=config.spill_dir,
-            max_file_size=config.max_file_size,
-            metadata_ttl=config.metadata_ttl,
-            uid=config.uid,
-            gid=config.gid,
-            store_timeout=config.store_timeout,
-            read_only=read_only,
-            allow_other=config.allow_other,
-            endpoint_url=config.endpoint_url,
-            python=config.python,
-        )
+        return WorkerSpec(pool_url, mountpoint, config.options, read_only=read_only)
 
     @classmethod
     def start(

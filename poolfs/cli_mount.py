@@ -30,7 +30,7 @@ from poolfs.mounts import (
     write_worker_state,
 )
 from poolfs.stores import InvalidStoreURL, StoreError, StoreOptions, open_store
-from poolfs.workerproc import READY, WorkerSpec, last_log_line
+from poolfs.workerproc import READY, WorkerOptions, WorkerSpec, last_log_line
 
 log = logging.getLogger("poolfs.mount")
 
@@ -169,19 +169,18 @@ def _spawn_worker(args: argparse.Namespace) -> int:
         extra += ["--read-ahead-kib", str(args.read_ahead_kib)]
     if args.debug:
         extra.append("--debug")
-    spec = WorkerSpec(
-        pool_url=args.pool_url,
-        mountpoint=mountpoint,
+    options = WorkerOptions(
         spill_dir=args.spill_dir,
         max_file_size=args.max_file_size,
         metadata_ttl=args.metadata_ttl,
         uid=args.uid,
         gid=args.gid,
         store_timeout=args.store_timeout,
-        read_only=args.read_only,
         allow_other=args.allow_other,
         endpoint_url=args.endpoint_url,
-        extra_args=extra,
+    )
+    spec = WorkerSpec(
+        args.pool_url, mountpoint, options, read_only=args.read_only, extra_args=extra
     )
     try:
         started = workerproc.start(spec, log_file, worker_env(os.environ))

@@ -21,27 +21,35 @@ READY = "ready"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """The command line of one worker: what it mounts, where, and with which settings."""
+class WorkerOptions:
+    """The settings every worker of one daemon (or one `poolfs mount`) is started with."""
 
-    pool_url: str
-    mountpoint: str
     spill_dir: str
     max_file_size: int
     metadata_ttl: float
     uid: int
     gid: int
     store_timeout: float
-    read_only: bool = False
     allow_other: bool = False
     endpoint_url: str | None = None
-    # Further `poolfs mount` arguments (e.g. --fs-option=..., --debug), appended as given.
-    extra_args: Sequence[str] = ()
     python: str = sys.executable
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """The command line of one worker: what it mounts, where, and with which settings."""
+
+    pool_url: str
+    mountpoint: str
+    options: WorkerOptions
+    read_only: bool = False
+    # Further `poolfs mount` arguments (e.g. --fs-option=..., --debug), appended as given.
+    extra_args: Sequence[str] = ()
+
     def command(self, ready_fd: int, log_file: str | None = None) -> list[str]:
+        o = self.options
         cmd = [
-            self.python,
+            o.python,
             "-m",
             "poolfs",
             "mount",
@@ -51,26 +59,26 @@ class WorkerSpec:
             "--ready-fd",
             str(ready_fd),
             "--spill-dir",
-            self.spill_dir,
+            o.spill_dir,
             "--max-file-size",
-            str(self.max_file_size),
+            str(o.max_file_size),
             "--metadata-ttl",
-            str(self.metadata_ttl),
+            str(o.metadata_ttl),
             "--uid",
-            str(self.uid),
+            str(o.uid),
             "--gid",
-            str(self.gid),
+            str(o.gid),
             "--store-timeout",
-            str(self.store_timeout),
+            str(o.store_timeout),
         ]
         if log_file is not None:
             cmd += ["--log-file", log_file]
         if self.read_only:
             cmd.append("--read-only")
-        if self.allow_other:
+        if o.allow_other:
             cmd.append("--allow-other")
-        if self.endpoint_url:
-            cmd += ["--endpoint-url", self.endpoint_url]
+        if o.endpoint_url:
+            cmd += ["--endpoint-url", o.endpoint_url]
         cmd += self.extra_args
         return cmd
 

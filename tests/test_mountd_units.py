@@ -23,6 +23,7 @@ from poolfs.catalog import Catalog, Role
 from poolfs.grants import GrantSecret, Permission, issue_grant, verify_grant
 from poolfs.refs import DataPoolRef
 from poolfs.stores.mem import MemStore
+from poolfs.workerproc import WorkerOptions
 
 pytestmark = pytest.mark.core
 
@@ -326,7 +327,7 @@ def test_sd_notify(tmp_path: Path, abstract: bool) -> None:
 
 
 def test_worker_command_and_environment() -> None:
-    config = WorkerConfig(
+    options = WorkerOptions(
         python="/usr/bin/python3",
         spill_dir="/spill",
         max_file_size=1000,
@@ -336,6 +337,9 @@ def test_worker_command_and_environment() -> None:
         allow_other=True,
         endpoint_url="http://127.0.0.1:9000",
         store_timeout=7.0,
+    )
+    config = WorkerConfig(
+        options=options,
         ready_timeout=30.0,
         env={},
     )
