@@ -702,9 +702,31 @@ def test_moto_counts_requests_by_operation(moto_server: MotoServer, moto_bucket:
     store.close()
 
 
+# The lean path's method for each operation and its arguments as botocore parameters.
+_LEAN_CALLS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
+    "UploadPart": (
+        "upload_part",
+        lambda key, upload_id, number, *_: {
+            "Key": key,
+            "UploadId": upload_id,
+            "PartNumber": number,
+        },
+    ),
+    "CreateMultipartUpload": ("create_upload", lambda key, _meta: {"Key": key}),
+    "CompleteMultipartUpload": (
+        "complete_upload",
+        lambda key, upload_id, _parts: {"Key": key, "UploadId": upload_id},
+    ),
+    "AbortMultipartUpload": (
+        "abort_upload",
+        lambda key, upload_id: {"Key": key, "UploadId": upload_id},
+    ),
+}
+
+
 def _fail_on(store: S3Store, event: str, when: Callable[[dict[str, Any]], bool]) -> None:
     """Fail `event` requests matching `when` as an unreachable endpoint, before they are sent
-    (on the botocore client, and on the lean path for UploadPart)."""
+    (on the botocore client, and on the lean path for the multipart requests)."""
 
     def hook(params: dict[str, Any], **_: Any) -> None:
         if when(params):
@@ -712,16 +734,15 @@ def _fail_on(store: S3Store, event: str, when: Callable[[dict[str, Any]], bool])
 
     store._client.meta.events.register(f"before-parameter-build.s3.{event}", hook)
     lean = store.lean
-    if event == "UploadPart" and lean is not None:
-        original = lean.upload_part
+    if event in _LEAN_CALLS and lean is not None:
+        name, params = _LEAN_CALLS[event]
+        original = getattr(lean, name)
 
-        def upload_part(
-            s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
-        ) -> dict[str, Any]:
-            hook({"Key": s3key, "UploadId": upload_id, "PartNumber": number})
-            return original(s3key, upload_id, number, fd, offset, length)
+        def failing(*args: Any) -> Any:
+            hook(params(*args))
+            return original(*args)
 
-        lean.upload_part = upload_part  # type: ignore[method-assign]
+        setattr(lean, name, failing)
 
 
 def test_s3_failed_multipart_upload_is_aborted(moto_bucket: S3Bucket, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """S3 (and S3-compatible) store: `s3://BUCKET/PREFIX`.
 
-With `s3wire.py` (its lean request path for GET, HEAD, LIST and UploadPart, used only from
-here), the only module in poolfs that imports boto3, botocore, s3transfer or urllib3.
+With `s3wire.py` (its lean request path for reads, PutObject and multipart uploads, used
+only from here), the only module in poolfs that imports boto3, botocore, s3transfer or urllib3.
 
 Invariants a newcomer must keep:
 
@@ -12,8 +12,10 @@ Invariants a newcomer must keep:
 - One boto3 client per store, shared by every thread (botocore clients are thread-safe;
   sessions are not, so the session is used only to build the client, under a lock). With an
   explicit endpoint and the lean path on, it is made at its first use (`_client`): a mount
-  that only reads (check, HEAD, GET, LIST on the lean path) never makes it, which keeps its
-  ~14 MiB service model out of the worker. Otherwise it is made in `__init__`.
+  that only reads and writes files (check, HEAD, GET, LIST, PUT and multipart uploads on the
+  lean path) never makes it, which keeps its ~14 MiB service model and ~0.13 s of CPU out of
+  the worker; copies, renames, deletes and fallbacks make it. Otherwise it is made in
+  `__init__`.
   Its connection pool is sized for `max_concurrency` parallel part transfers from several
   threads at once (`_pool_size`).
 - Bounded time. Every request runs under botocore's "standard" retry mode with an attempt
@@ -38,10 +40,12 @@ Invariants a newcomer must keep:
   and managed copies: one request per part) bound each request and stop at the first failure.
   Reading a GET body is outside botocore's retry loop, so `get_range` retries a broken body
   itself while a whole attempt still fits before its deadline.
-- Two request paths. GET, HEAD, ListObjectsV2 and UploadPart go over `s3wire.LeanS3`
-  (urllib3 + own SigV4): botocore's request building and parsing was most of the worker's CPU
-  on small files, random reads and listings, and hashing each part to sign it a large share on
-  writes (numbers in bench/README.md). Everything else, and any call the lean path does not
+- Two request paths. GET, HEAD, ListObjectsV2, PutObject and the multipart upload requests
+  (create, part, complete, abort) go over `s3wire.LeanS3` (urllib3 + own SigV4): botocore's
+  request building and parsing was most of the worker's CPU on small files, random reads and
+  listings, hashing each part to sign it a large share on writes, and making the client at
+  the first write stalled a streamed upload for ~0.3 s (numbers in bench/README.md).
+  Everything else, and any call the lean path does not
   understand (`s3wire.Unsupported`: redirects, region errors, a rejected signature, a refused
   unsigned part), goes to the botocore client, which stays the reference: the lean path
   returns its response shapes and raises its exceptions, so both paths share the code below,
@@ -80,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import logging
 import os
 import threading
@@ -88,7 +93,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 import boto3
 import botocore.config
@@ -118,6 +123,7 @@ from poolfs.stores.s3wire import (
     PartView,
     Unsupported,
     address_for,
+    file_chunks,
     seconds_ns,
 )
 
@@ -280,7 +286,7 @@ def _range_size(content_range: str) -> int | None:
 
 
 def _signature_rejected(unsupported: Unsupported, raised: BaseException | None) -> bool:
-    """Whether a lean GET/LIST fallback is not worth a warning: a rejected signature that the
+    """Whether a lean-path fallback is not worth a warning: a rejected signature that the
     botocore client could not get past either is wrong credentials, reported as Denied, not
     a lean-path problem; and a fallback that failed for another reason proved nothing."""
     if raised is None:
@@ -415,7 +421,8 @@ class S3Store(Store):
     ) -> _R:
         """`lean` on the lean path; without one, or when it raises Unsupported, `boto` on the
         botocore client. The fallback is noted (`_fallback`) unless `quiet(unsupported,
-        what boto raised or None)` says the case is not worth a warning."""
+        what boto raised or None)` says the case is not worth a warning, or the lean path sent
+        nothing (status 0: a request it does not express, such as non-ASCII metadata)."""
         if self.lean is None:
             return boto()
         try:
@@ -429,7 +436,7 @@ class S3Store(Store):
             raised = exc
             raise
         finally:
-            if not quiet(unsupported, raised):
+            if unsupported.status != 0 and not quiet(unsupported, raised):
                 self._fallback(op, unsupported)
 
     def __repr__(self) -> str:
@@ -610,10 +617,9 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> ObjectInfo:
         s3key = self._writable_key(key)
         meta = dict(metadata)
+        body = bytes(data)
         try:
-            response = self._client.put_object(
-                Bucket=self.bucket, Key=s3key, Body=bytes(data), Metadata=meta
-            )
+            response = self._put_object(s3key, meta, len(body), lambda: iter((body,)), body)
         except _BOTO_ERRORS as exc:
             self._fail("put", key, exc)
         return ObjectInfo(
@@ -627,13 +633,33 @@ class S3Store(Store):
             size = os.fstat(source.fileno()).st_size
             if size >= self.options.multipart_threshold:
                 return self._put_multipart(key, s3key, source, size, meta)
+            fd = source.fileno()
             try:
-                response = self._client.put_object(
-                    Bucket=self.bucket, Key=s3key, Body=source, Metadata=meta
+                response = self._put_object(
+                    s3key, meta, size, functools.partial(file_chunks, fd, 0, size), source
                 )
             except _BOTO_ERRORS as exc:
                 self._fail("put", key, exc)
         return ObjectInfo(key, size, _unquote(response["ETag"]), _response_time_ns(response), meta)
+
+    def _put_object(
+        self,
+        s3key: str,
+        meta: dict[str, str],
+        size: int,
+        chunks: Callable[[], Iterator[bytes]],
+        body: bytes | BinaryIO,
+    ) -> Mapping[str, Any]:
+        """PutObject on the lean path (the `size` bytes `chunks()` makes), or of `body` on
+        the botocore client; botocore's shape."""
+        return self._lean_or_boto(
+            "put",
+            lambda lean: lean.put_object(s3key, meta, size, chunks),
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=s3key, Body=body, Metadata=meta
+            ),
+            _signature_rejected,
+        )
 
     def _put_multipart(
         self, key: str, s3key: str, source: Any, size: int, meta: dict[str, str]
@@ -669,7 +695,14 @@ class S3Store(Store):
 
     def _abort_upload(self, key: str, s3key: str, upload_id: str) -> None:
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id)
+            self._lean_or_boto(
+                "put",
+                lambda lean: lean.abort_upload(s3key, upload_id),
+                lambda: self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=s3key, UploadId=upload_id
+                ),
+                _signature_rejected,
+            )
         except _BOTO_ERRORS as exc:
             log.warning(
                 "s3 put %s: could not abort multipart upload %s of %s (%s); its parts stay "
@@ -868,9 +901,14 @@ class _S3Upload(Upload):
             if self._upload_id is None:
                 store = self._store
                 try:
-                    self._upload_id = store._client.create_multipart_upload(
-                        Bucket=store.bucket, Key=self._s3key, Metadata=self._meta
-                    )["UploadId"]
+                    self._upload_id = store._lean_or_boto(
+                        "put",
+                        lambda lean: lean.create_upload(self._s3key, self._meta),
+                        lambda: store._client.create_multipart_upload(
+                            Bucket=store.bucket, Key=self._s3key, Metadata=self._meta
+                        )["UploadId"],
+                        _signature_rejected,
+                    )
                 except _BOTO_ERRORS as exc:
                     self._start_error = _map_error("put", store._where(self.key), self.key, exc)
                     raise self._start_error from exc
@@ -899,7 +937,9 @@ class _S3Upload(Upload):
             lambda: self._upload_part_boto(upload_id, number, fd, offset, length),
             # BadDigest: the part changed between its checksum and its sending (a write
             # invalidating a streamed part) or was damaged on the way; not a setting.
-            lambda unsupported, _raised: unsupported.code == "BadDigest",
+            lambda unsupported, raised: (
+                unsupported.code == "BadDigest" or _signature_rejected(unsupported, raised)
+            ),
         )
 
     def _upload_part_boto(
@@ -927,11 +967,18 @@ class _S3Upload(Upload):
         listed: list[CompletedPartTypeDef] = [{"PartNumber": n, "ETag": e} for n, e, _ in stored]
         size = sum(part_size for _, _, part_size in stored)
         try:
-            response = store._client.complete_multipart_upload(
-                Bucket=store.bucket,
-                Key=self._s3key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": listed},
+            response: Mapping[str, Any] = store._lean_or_boto(
+                "put",
+                lambda lean: lean.complete_upload(
+                    self._s3key, upload_id, [(n, e) for n, e, _ in stored]
+                ),
+                lambda: store._client.complete_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=self._s3key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": listed},
+                ),
+                _signature_rejected,
             )
         except BaseException as exc:
             self.abort()

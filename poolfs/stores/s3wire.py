@@ -1,12 +1,14 @@
-"""A lean wire path for the S3 store's hot requests: GET, HEAD, ListObjectsV2 and UploadPart.
+"""A lean wire path for the S3 store's hot requests: GET, HEAD, ListObjectsV2, PutObject and
+the multipart upload requests (CreateMultipartUpload, UploadPart, CompleteMultipartUpload,
+AbortMultipartUpload).
 
 Only `poolfs/stores/s3.py` uses this module. It sends those requests straight over one
 urllib3 connection pool with its own SigV4 signature, because botocore's request building and
 response parsing cost ~1-2 ms of CPU per request (more than the request itself against a local
-server), and over http botocore hashes every part body with SHA-256 to sign it (measured
-numbers in bench/README.md). Everything else (credentials, region, endpoint, PutObject,
-copies, create/complete/abort of multipart uploads, deletes) stays with boto3/botocore, which
-`s3.py` owns.
+server), over http botocore hashes every part body with SHA-256 to sign it, and making the
+botocore client costs ~0.13 s of CPU and ~14 MiB (measured numbers in bench/README.md).
+Everything else (credentials, region, endpoint, copies, deletes) stays with boto3/botocore,
+which `s3.py` owns.
 
 Invariants a newcomer must keep:
 
@@ -32,17 +34,22 @@ Invariants a newcomer must keep:
 - Object bodies are returned as sent (`decode_content=False`): an object stored with
   `Content-Encoding: gzip` reads as its stored bytes, as with botocore.
 - Signature: SigV4 with the empty-body SHA-256 as payload hash (valid for GET/HEAD over http
-  and https); the signing key is cached per (secret, date, region). UploadPart bodies are sent
-  as `UNSIGNED-PAYLOAD` (accepted over http and https), streamed from the staging file in
-  1 MiB preads, and re-read from the file for every attempt. Integrity: over https as
+  and https); the signing key is cached per (secret, date, region). The small XML bodies of
+  CompleteMultipartUpload are signed with their SHA-256. PutObject and UploadPart bodies are
+  sent as `UNSIGNED-PAYLOAD` (accepted over http and https), streamed from the staging file in
+  1 MiB preads (or from memory), and made anew for every attempt. Integrity: over https as
   botocore's own client (`request_checksum_calculation="when_required"`: TLS, no body
   checksum); over http an `x-amz-checksum-crc32` header (zlib: ~0.25 ms per MiB, SHA-256
   ~0.6 ms) that the server checks (SeaweedFS answers BadDigest on a mismatch). What the CRC
   does not give is the payload signature's protection against a body altered on purpose in
-  transit: plain http has none for reads either. A part answered with 400 or 501 (a server
-  that refuses the checksum header or the unsigned payload, or BadDigest: the part changed
-  between its checksum and its sending) raises `Unsupported`, so botocore sends it again;
-  400 RequestTimeout and throttling codes are retried here as botocore retries them.
+  transit: plain http has none for reads either. A PUT (object or part) answered with 400 or
+  501 (a server that refuses the checksum header or the unsigned payload, or BadDigest: the
+  part changed between its checksum and its sending) raises `Unsupported`, so botocore sends
+  it again; 400 RequestTimeout and throttling codes are retried here as botocore retries them.
+- User metadata is sent as `x-amz-meta-*` headers only when every name and value is plain
+  printable ASCII; anything else raises `Unsupported` before sending (botocore refuses
+  non-ASCII metadata itself). A CompleteMultipartUpload answered 200 with an `<Error>` body is
+  retried as a 500, as botocore does.
   Keys are encoded into the path as botocore does (`quote(key, safe="/~")`) and the path is
   signed as sent (S3 does not normalise paths).
 """
@@ -52,6 +59,7 @@ from __future__ import annotations
 import base64
 import calendar
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -121,6 +129,8 @@ KEPT_HEADERS = {
     "content-language": "ContentLanguage",
 }
 _META_PREFIX = "x-amz-meta-"
+# Operations whose 200 answer may carry an error (botocore handlers._handle_200_error).
+_ERRORS_IN_200 = frozenset({"CompleteMultipartUpload"})
 _AWS_HOST = re.compile(r"^s3(?:\.(?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
 
 
@@ -396,8 +406,13 @@ def address_for(
 # --- the client --------------------------------------------------------------------------------
 
 
+# A request body: bytes (signed with their SHA-256) or a maker of a part's chunks (unsigned).
+Body = bytes | Callable[[], Iterator[bytes]] | None
+
+
 class LeanS3:
-    """GET, HEAD, ListObjectsV2 and UploadPart on one bucket; see the module docstring."""
+    """GET, HEAD, ListObjectsV2 and the multipart upload requests on one bucket; see the
+    module docstring."""
 
     def __init__(
         self,
@@ -475,22 +490,80 @@ class LeanS3:
         self, s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
     ) -> dict[str, Any]:
         """UploadPart of `length` bytes at `offset` of `fd`; botocore's shape (`ETag`)."""
+        chunks = functools.partial(file_chunks, fd, offset, length)
+        headers = self._body_headers(length, chunks)
+        params = {"partNumber": str(number), "uploadId": upload_id}
+        _, reply_headers, _ = self._request("UploadPart", "PUT", s3key, params, headers, chunks)
+        return {"ETag": reply_headers.get("etag", "")}
+
+    def put_object(
+        self,
+        s3key: str,
+        metadata: Mapping[str, str],
+        length: int,
+        chunks: Callable[[], Iterator[bytes]],
+    ) -> dict[str, Any]:
+        """PutObject of the `length` bytes `chunks()` makes (once per attempt, and once more
+        for the checksum over http) with user `metadata`; botocore's shape (`ETag`, and the
+        reply's headers in `ResponseMetadata.HTTPHeaders`)."""
+        headers = _meta_headers(metadata)
+        headers.update(self._body_headers(length, chunks))
+        _, reply_headers, _ = self._request("PutObject", "PUT", s3key, {}, headers, chunks)
+        return {"ETag": reply_headers.get("etag", ""), "ResponseMetadata": _metadata(reply_headers)}
+
+    def _body_headers(self, length: int, chunks: Callable[[], Iterator[bytes]]) -> dict[str, str]:
+        """Content-Length, and over http the CRC32 of the body (see the module docstring)."""
         headers = {"content-length": str(length)}
         if not self._https:
             crc = 0
-            for chunk in _file_chunks(fd, offset, length):
+            for chunk in chunks():
                 crc = zlib.crc32(chunk, crc)
             headers["x-amz-checksum-crc32"] = base64.b64encode(crc.to_bytes(4, "big")).decode()
-        params = {"partNumber": str(number), "uploadId": upload_id}
-        _, reply_headers, _ = self._request(
-            "UploadPart",
-            "PUT",
-            s3key,
-            params,
-            headers,
-            body=lambda: _file_chunks(fd, offset, length),
+        return headers
+
+    def create_upload(self, s3key: str, metadata: Mapping[str, str]) -> str:
+        """CreateMultipartUpload with user `metadata`; the upload id."""
+        _, _, body = self._request(
+            "CreateMultipartUpload", "POST", s3key, {"uploads": ""}, _meta_headers(metadata), b""
         )
-        return {"ETag": reply_headers.get("etag", "")}
+        upload_id = _xml_field(body, "UploadId")
+        if not upload_id:
+            raise Unsupported("CreateMultipartUpload answer without an UploadId", 200)
+        return upload_id
+
+    def complete_upload(
+        self, s3key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> dict[str, Any]:
+        """CompleteMultipartUpload of (number, ETag) `parts`; botocore's shape (`ETag`, and
+        the reply's `date` in `ResponseMetadata.HTTPHeaders`).
+
+        A 200 answer whose body is an S3 `<Error>` (the server failed after it started to
+        answer) is an error, retried as a 500 as botocore does.
+        """
+        listed = "".join(
+            f"<Part><ETag>{_xml_text(etag)}</ETag><PartNumber>{number}</PartNumber></Part>"
+            for number, etag in parts
+        )
+        document = (
+            '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"{listed}</CompleteMultipartUpload>"
+        ).encode()
+        _, reply_headers, body = self._request(
+            "CompleteMultipartUpload",
+            "POST",
+            s3key,
+            {"uploadId": upload_id},
+            {"content-type": "application/xml"},
+            body=document,
+        )
+        etag = _xml_field(body, "ETag")
+        if not etag:
+            raise Unsupported("CompleteMultipartUpload answer without an ETag", 200)
+        return {"ETag": etag, "ResponseMetadata": _metadata(reply_headers)}
+
+    def abort_upload(self, s3key: str, upload_id: str) -> None:
+        """AbortMultipartUpload."""
+        self._request("AbortMultipartUpload", "DELETE", s3key, {"uploadId": upload_id}, {})
 
     @staticmethod
     def _object_fields(headers: Any) -> dict[str, Any]:
@@ -519,11 +592,12 @@ class LeanS3:
         s3key: str | None,
         params: Mapping[str, str],
         headers: dict[str, str],
-        body: Callable[[], Iterator[bytes]] | None = None,
+        body: Body = None,
     ) -> tuple[int, Any, bytes]:
         """Send with retries; the status, headers and body of a 2xx answer, else raise.
 
-        `body` makes the request body anew for each attempt (sent as `UNSIGNED-PAYLOAD`).
+        `body`: bytes are sent signed with their SHA-256; a callable makes the request body
+        anew for each attempt (a part, sent as `UNSIGNED-PAYLOAD`).
         """
         path = self.address.path_prefix
         if s3key is not None:
@@ -544,6 +618,8 @@ class LeanS3:
                     )
                     continue
                 raise
+            if status == 200 and operation in _ERRORS_IN_200 and _is_error_document(reply):
+                status = 500  # an error sent after the 200 (botocore's _handle_200_error)
             if 200 <= status < 300:
                 return status, reply_headers, reply
             error = self._error(operation, method, status, reply_headers, reply)
@@ -564,13 +640,20 @@ class LeanS3:
         query: str,
         url: str,
         headers: dict[str, str],
-        body: Callable[[], Iterator[bytes]] | None = None,
+        body: Body = None,
     ) -> tuple[int, Any, bytes]:
         if self._credentials is None:
             raise botocore.exceptions.NoCredentialsError()
         credentials = self._credentials.get_frozen_credentials()
         signed = {"host": self._host, **headers}
-        payload = EMPTY_SHA256 if body is None else UNSIGNED_PAYLOAD
+        sent: bytes | Iterator[bytes] | None
+        if body is None:
+            payload, sent = EMPTY_SHA256, None
+        elif isinstance(body, bytes):
+            payload, sent = hashlib.sha256(body).hexdigest(), body
+            signed["content-length"] = str(len(body))
+        else:
+            payload, sent = UNSIGNED_PAYLOAD, body()
         self._signer.sign(method, path, query, signed, credentials, payload_hash=payload)
         signed["user-agent"] = self._user_agent
         where = self.address.base + url
@@ -578,7 +661,7 @@ class LeanS3:
             response = self._pool.urlopen(
                 method,
                 url,
-                body=None if body is None else body(),
+                body=sent,
                 headers=signed,
                 retries=False,
                 redirect=False,
@@ -636,12 +719,57 @@ class LeanS3:
         return botocore.exceptions.ClientError(response, operation)
 
 
+def _xml_field(body: bytes, name: str) -> str:
+    """The text of the first element called `name` in an XML answer ("" when absent)."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return ""
+    for element in root.iter():
+        if _local(element.tag) == name:
+            return (element.text or "").strip()
+    return ""
+
+
+def _is_error_document(body: bytes) -> bool:
+    """Whether an answer's body is an S3 `<Error>` document."""
+    head = body[:512].lstrip()
+    if head.startswith(b"<?xml"):
+        head = head[head.find(b"?>") + 2 :].lstrip()
+    return head.startswith(b"<Error>") or head.startswith(b"<Error ")
+
+
+def _meta_headers(metadata: Mapping[str, str]) -> dict[str, str]:
+    """User metadata as `x-amz-meta-*` headers. Anything but plain printable ASCII raises
+    Unsupported with status 0 (nothing was sent): botocore decides (it refuses non-ASCII)."""
+    headers = {}
+    for name, value in metadata.items():
+        header = _META_PREFIX + name.lower()
+        if not (_printable(header) and _printable(value)) or header in headers:
+            raise Unsupported(f"metadata {name!r} is not a plain ASCII header", 0)
+        headers[header] = value
+    return headers
+
+
+def _metadata(headers: Any) -> dict[str, Any]:
+    """botocore's `ResponseMetadata` of an answer: its headers, names in lowercase."""
+    return {"HTTPHeaders": {name.lower(): value for name, value in headers.items()}}
+
+
+def _xml_text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 _CHUNK = 1024 * 1024
 
 
 class PartView:
     """A read-only, seekable file view of `length` bytes at `offset` of `fd`: the body of one
-    part, for the lean path (`_file_chunks`) and for botocore's UploadPart alike.
+    part, for the lean path (`file_chunks`) and for botocore's UploadPart alike.
 
     Bytes missing because the file shrank under the part (a streamed upload whose file was
     truncated; that part is stale and sent again) are read as zeros, so the server gets the
@@ -679,7 +807,7 @@ class PartView:
         return self._pos
 
 
-def _file_chunks(fd: int, offset: int, length: int) -> Iterator[bytes]:
+def file_chunks(fd: int, offset: int, length: int) -> Iterator[bytes]:
     """`length` bytes of `fd` at `offset` in 1 MiB preads (`PartView`)."""
     view = PartView(fd, offset, length)
     while chunk := view.read(_CHUNK):
