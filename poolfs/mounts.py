@@ -113,31 +113,25 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-HUGETLB = "glibc.malloc.hugetlb=1"
-
-
 def worker_env(base: Mapping[str, str]) -> dict[str, str]:
     """The environment for a mount worker process.
 
-    glibc malloc: buffers of 4 MiB and more (read-ahead parts) come from mmap and go back to
-    the OS when freed; smaller ones (FUSE request data) come from the heap, which is trimmed
-    only past 32 MiB free, so the steady stream of request buffers does not page-fault.
-    Measured on a 256 MiB sequential read: peak RSS 82 MiB and back to ~40 MiB afterwards,
-    against 180 MiB held for good with a 64 MiB mmap threshold. At most 2 malloc arenas: by
-    default each of the many threads (FUSE workers, I/O executor) may get its own arena, each
-    keeping freed memory; measured peak RSS 95 -> 90 MiB during a 256 MiB read and 155 -> 136
-    MiB with 8 parallel readers, throughput unchanged. Transparent huge pages for malloc's
-    mmaps (tunable glibc.malloc.hugetlb=1, glibc >= 2.35; THP "madvise" or "always"): a fresh
-    8 MiB read-ahead part faults in 4 huge pages instead of 2048 small ones, and page faults
-    were a quarter of the worker's CPU in a sequential read (perf); measured worker CPU for a
-    256 MiB read 0.33 -> 0.26 s, throughput 496 -> 616 MB/s, RSS peak unchanged (85-89 MiB).
-    Explicit settings in `base` win (a GLIBC_TUNABLES without hugetlb gets it appended).
+    glibc malloc: buffers of 4 MiB and more (read-ahead parts beyond the reused part buffers,
+    poolfs/fs/buffers.py) come from mmap and go back to the OS when freed; smaller ones (FUSE
+    request data) come from the heap, which is trimmed only past 32 MiB free, so the steady
+    stream of request buffers does not page-fault. Measured on a 256 MiB sequential read:
+    peak RSS 82 MiB and back to ~40 MiB afterwards, against 180 MiB held for good with a
+    64 MiB mmap threshold. At most 2 malloc arenas: by default each of the many threads (FUSE
+    workers, I/O executor) may get its own arena, each keeping freed memory; measured peak
+    RSS 95 -> 90 MiB during a 256 MiB read and 155 -> 136 MiB with 8 parallel readers,
+    throughput unchanged.
+    No transparent huge pages for malloc (glibc.malloc.hugetlb=1 was the default until the
+    part buffers): the part buffers ask for them themselves, and for the heap they added
+    2-3 MiB of RSS in 2 MiB steps and compaction stalls on fragmented memory (bench/README.md).
+    Explicit settings in `base` win.
     """
     env = dict(base)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 1024 * 1024))
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(32 * 1024 * 1024))
     env.setdefault("MALLOC_ARENA_MAX", "2")
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" not in tunables:
-        env["GLIBC_TUNABLES"] = f"{tunables}:{HUGETLB}" if tunables else HUGETLB
     return env

@@ -373,10 +373,10 @@ def test_worker_command_and_environment() -> None:
     assert "MOUNTD_LOG_LEVEL" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(4 * 1024 * 1024)  # read-ahead parts via mmap
     assert env["MALLOC_ARENA_MAX"] == "2"  # threads share arenas of freed memory
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # huge pages for parts
+    assert "GLIBC_TUNABLES" not in env  # no huge pages for malloc (the part buffers ask)
     assert (
-        worker_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"]
-        == "glibc.malloc.hugetlb=0"
+        worker_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})["GLIBC_TUNABLES"]
+        == "glibc.malloc.hugetlb=1"
     )
     assert describe_exit(-9) == "killed by SIGKILL"
     assert "uploads failed" in describe_exit(2)

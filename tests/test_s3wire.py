@@ -557,6 +557,37 @@ def test_broken_body_is_retried(canned: CannedS3) -> None:
     store.close()
 
 
+def _partial(body: bytes, start: int, total: int, send_only: int | None = None) -> Reply:
+    ranged = {"Content-Range": f"bytes {start}-{start + len(body) - 1}/{total}"}
+    reply = _object(body, "e", **ranged)
+    return Reply(206, reply.headers, body, send_only)
+
+
+def test_a_range_is_received_into_the_callers_buffer(canned: CannedS3) -> None:
+    store = _canned_store(canned)  # timeout 10: 2 attempts
+    buf = bytearray(6)
+    view = memoryview(buf)
+    canned.replies.append(_partial(b"cdefgh", 2, 10))
+    got, info = store.get_range_into("k", 2, view, "e")
+    assert got is view and buf == b"cdefgh"
+    assert (info.size, info.etag, info.metadata) == (10, "e", {"mode": "644"})
+    assert canned.seen[-1].headers["range"] == "bytes=2-7"
+    # A body broken half-way is fetched again into the same buffer.
+    canned.replies.extend([_partial(b"uvwxyz", 4, 10, send_only=3), _partial(b"UVWXYZ", 4, 10)])
+    got, _ = store.get_range_into("k", 4, view, "e")
+    assert got is view and buf == b"UVWXYZ"
+    # An answer of another length (the object ends sooner) comes back as new bytes.
+    canned.replies.append(_partial(b"ij", 8, 10))
+    got, info = store.get_range_into("k", 8, view, "e")
+    assert got == b"ij" and info.size == 10
+    # A server ignoring Range: the whole object, sliced, as get_range does.
+    canned.replies.append(_object(b"0123456789", "e"))
+    got, _ = store.get_range_into("k", 1, view, "e")
+    assert got == b"123456"
+    assert buf == b"UVWXYZ"  # untouched by the answers that were not read into it
+    store.close()
+
+
 def test_throttling_is_retried_then_throttled(canned: CannedS3) -> None:
     store = _canned_store(canned, timeout=5)  # 2 attempts
     canned.replies.extend([_xml_error(503, "SlowDown"), _object(b"x", "e")])

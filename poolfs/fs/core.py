@@ -178,6 +178,7 @@ class PoolFS:
             with contextlib.suppress(PoolFSError):
                 self.release(fh)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._ctx.buffers.close()
         self._spill.cleanup()
         self.store.close()
         return failed

@@ -470,7 +470,8 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         # mfusepy's read copies the answer into libfuse's buffer; here the answer is a span of
         # a fetched part, copied once from there (no slice of it as new bytes first). The
-        # address of the bytes' own buffer comes from c_char_p, which does not copy.
+        # address of the bytes' own buffer comes from c_char_p, which does not copy; that of
+        # a part buffer (an mmap) from ctypes' view of it.
         name = None if path is None else path.decode(self.encoding, self.errors)
         span: Span = self.operations.read_span(name, size, offset, fip.contents)
         data, lo, hi = span
@@ -479,7 +480,10 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
             return 0
         if count > size:
             raise fuse.FuseOSError(errno.EIO)
-        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        if isinstance(data, bytes):
+            base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        else:
+            base = ctypes.addressof(ctypes.c_char.from_buffer(data))
         assert base is not None  # a non-empty bytes object has a buffer
         ctypes.memmove(buf, base + lo, count)
         return count

@@ -21,27 +21,35 @@ Rules (tests/test_readahead.py checks each):
 - `read_span` hands out the bytes as a span (data, lo, hi) of the fetched part, uncopied: the
   FUSE adapter copies `data[lo:hi]` once, straight into libfuse's reply buffer. Only a read
   across two extents is joined (one copy). `read` is the same as plain bytes.
-- The cache takes a `fetch(start, end) -> bytes` function, never a store, so it is testable with
-  a lambda and knows nothing about versions: pinning is the fetch function's job.
+- The cache takes a `fetch(start, end) -> bytes or a reused part buffer` function, never a
+  store, so it is testable with a lambda and knows nothing about versions: pinning is the
+  fetch function's job. A part buffer (`poolfs.fs.buffers`) is never written while anything
+  here or in a span references it, so the cache treats it as immutable like bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from typing import TypeVar
 
-Fetch = Callable[[int, int], bytes]
-# `data[lo:hi]` is the answer, not yet copied out of `data` (bytes, so immutable).
-Span = tuple[bytes, int, int]
+# What a fetch returns: new bytes, or a reused part buffer (poolfs.fs.buffers), whose whole
+# length is the fetched range and which nobody writes while it is referenced.
+Data = bytes | mmap.mmap
+Fetch = Callable[[int, int], Data]
+# `data[lo:hi]` is the answer, not yet copied out of `data`.
+Span = tuple[Data, int, int]
 _T = TypeVar("_T")
 
 
 def span_bytes(span: Span) -> bytes:
     data, lo, hi = span
-    return data if lo == 0 and hi == len(data) else data[lo:hi]
+    if isinstance(data, bytes):
+        return data if lo == 0 and hi == len(data) else data[lo:hi]
+    return data[lo:hi]  # a part buffer: a copy, so nothing outside keeps the buffer
 
 
 class ByteBudget:
@@ -73,7 +81,7 @@ class ByteBudget:
 class _Extent:
     start: int
     end: int
-    future: Future[bytes]
+    future: Future[Data]
     reserved: int  # bytes taken from the budget (0 for demand reads)
 
 
@@ -221,7 +229,7 @@ class ReadAhead:
 
     def _claim(self, start: int, end: int) -> _Extent:
         """An extent the calling thread fetches itself (its future runs until it is done)."""
-        fut: Future[bytes] = Future()
+        fut: Future[Data] = Future()
         fut.set_running_or_notify_cancel()
         ext = _Extent(start, end, fut, 0)
         self._extents.append(ext)

@@ -143,6 +143,15 @@ class Store(abc.ABC):
         starting at or beyond the size (including on an empty object) returns b"".
         """
 
+    def get_range_into(
+        self, key: str, start: int, into: memoryview, if_match: str | None = None
+    ) -> tuple[bytes | memoryview, ObjectInfo]:
+        """`get_range(key, start, start + len(into), if_match)`, where the store may write the
+        bytes into `into` (a writable buffer) and return `into` itself, all of it filled;
+        otherwise it returns new bytes exactly as get_range does (including a short read).
+        The default always returns new bytes."""
+        return self.get_range(key, start, start + len(into), if_match)
+
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> ObjectInfo:
         """Create or replace an object atomically; returns the new info (with metadata)."""

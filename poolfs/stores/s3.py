@@ -541,6 +541,18 @@ class S3Store(Store):
     def get_range(
         self, key: str, start: int, end: int | None, if_match: str | None = None
     ) -> tuple[bytes, ObjectInfo]:
+        data, info = self._get(key, start, end, if_match, None)
+        assert isinstance(data, bytes)  # without a buffer to fill, always new bytes
+        return data, info
+
+    def get_range_into(
+        self, key: str, start: int, into: memoryview, if_match: str | None = None
+    ) -> tuple[bytes | memoryview, ObjectInfo]:
+        return self._get(key, start, start + len(into), if_match, into)
+
+    def _get(
+        self, key: str, start: int, end: int | None, if_match: str | None, into: memoryview | None
+    ) -> tuple[bytes | memoryview, ObjectInfo]:
         if start < 0:
             raise ValueError(f"negative range start {start}")
         if end is not None and end <= start:
@@ -551,7 +563,7 @@ class S3Store(Store):
         byte_range = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
         quoted = None if if_match is None else _quote(if_match)
         try:
-            data, response = self._get_object(key, s3key, byte_range, quoted)
+            data, response = self._get_object(key, s3key, byte_range, quoted, into)
         except botocore.exceptions.ClientError as exc:
             if _status(exc) == 416 or _code(exc) == "InvalidRange":
                 return b"", self._head_after_empty_range(key, if_match)
@@ -574,13 +586,19 @@ class S3Store(Store):
         return data, self._info(key, size, response)
 
     def _get_object(
-        self, key: str, s3key: str, byte_range: str, quoted_etag: str | None
-    ) -> tuple[bytes, Mapping[str, Any]]:
-        """GetObject on the lean path (body read inside its attempts) or on the botocore
-        client; raises what the botocore client raises."""
+        self,
+        key: str,
+        s3key: str,
+        byte_range: str,
+        quoted_etag: str | None,
+        into: memoryview | None = None,
+    ) -> tuple[bytes | memoryview, Mapping[str, Any]]:
+        """GetObject on the lean path (body read inside its attempts, into `into` where it
+        fits: `LeanS3.get`) or on the botocore client; raises what the botocore client
+        raises."""
         return self._lean_or_boto(
             "get",
-            lambda lean: lean.get(s3key, byte_range, quoted_etag),
+            lambda lean: lean.get(s3key, byte_range, quoted_etag, into),
             lambda: self._get_object_boto(key, s3key, byte_range, quoted_etag),
             _signature_rejected,
         )

@@ -410,6 +410,54 @@ def address_for(
 Body = bytes | Callable[[], Iterator[bytes]] | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: Any  # urllib3's HTTPHeaderDict: case-insensitive names
+    body: bytes
+    filled: bool = False  # the body went into the caller's buffer (`into`), not `body`
+
+
+def _receive(response: Any, into: memoryview, where: str) -> _Reply:
+    """Finish an answer sent without preloading: a 206 of exactly `len(into)` bytes is read
+    straight into `into` (http.client's readinto, one copy from the socket); any other answer
+    is read as bytes. Errors while reading are raised as botocore's (retried as such), and
+    a connection whose body was not read to its end is closed, never reused."""
+    complete = False
+    try:
+        fp = getattr(response, "_fp", None)  # urllib3 keeps http.client's response here
+        length = response.headers.get("content-length")
+        if (
+            response.status == 206
+            and response.headers.get("content-range")
+            and isinstance(fp, http.client.HTTPResponse)
+            and length is not None
+            and length.isdigit()
+            and int(length) == len(into)
+        ):
+            view = into
+            while view:
+                n = fp.readinto(view)
+                if not n:
+                    raise urllib3.exceptions.ProtocolError(
+                        f"connection closed after {len(into) - len(view)} of {len(into)} bytes"
+                    )
+                view = view[n:]
+            complete = True
+            return _Reply(response.status, response.headers, b"", filled=True)
+        data = response.read()
+        complete = True
+        return _Reply(response.status, response.headers, data)
+    except (TimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
+        raise botocore.exceptions.ReadTimeoutError(endpoint_url=where, error=exc) from exc
+    except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+        raise botocore.exceptions.ConnectionClosedError(error=exc, endpoint_url=where) from exc
+    finally:
+        if not complete:
+            response.close()
+        response.release_conn()
+
+
 class LeanS3:
     """GET, HEAD, ListObjectsV2 and the multipart upload requests on one bucket; see the
     module docstring."""
@@ -456,22 +504,31 @@ class LeanS3:
         """HeadObject; botocore's response shape (ETag, ContentLength, LastModified, Metadata
         and the content headers a copy keeps)."""
         headers = {} if if_match is None else {"if-match": if_match}
-        _, reply_headers, _ = self._request("HeadObject", "HEAD", s3key, {}, headers)
-        return self._object_fields(reply_headers)
+        reply = self._request("HeadObject", "HEAD", s3key, {}, headers)
+        return self._object_fields(reply.headers)
 
     def get(
-        self, s3key: str, range_header: str, if_match: str | None
-    ) -> tuple[bytes, dict[str, Any]]:
-        """GetObject of a range; the body and botocore's response shape (with ContentRange)."""
+        self,
+        s3key: str,
+        range_header: str,
+        if_match: str | None,
+        into: memoryview | None = None,
+    ) -> tuple[bytes | memoryview, dict[str, Any]]:
+        """GetObject of a range; the body and botocore's response shape (with ContentRange).
+
+        With `into` (a writable buffer of the range's length), a 206 answer of exactly that
+        length is received straight into it and `into` itself is returned as the body (one
+        copy, into memory that is already mapped); any other answer comes back as new bytes.
+        """
         headers = {"range": range_header}
         if if_match is not None:
             headers["if-match"] = if_match
-        _, reply_headers, body = self._request("GetObject", "GET", s3key, {}, headers)
-        fields = self._object_fields(reply_headers)
-        content_range = reply_headers.get("content-range")
+        reply = self._request("GetObject", "GET", s3key, {}, headers, into=into)
+        fields = self._object_fields(reply.headers)
+        content_range = reply.headers.get("content-range")
         if content_range:
             fields["ContentRange"] = content_range
-        return body, fields
+        return (into if reply.filled and into is not None else reply.body), fields
 
     def list_page(
         self, prefix: str, delimiter: str | None, token: str | None, max_keys: int
@@ -483,8 +540,7 @@ class LeanS3:
             params["delimiter"] = delimiter
         if token is not None:
             params["continuation-token"] = token
-        _, _, body = self._request("ListObjectsV2", "GET", None, params, {})
-        return parse_list_page(body)
+        return parse_list_page(self._request("ListObjectsV2", "GET", None, params, {}).body)
 
     def upload_part(
         self, s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
@@ -493,8 +549,8 @@ class LeanS3:
         chunks = functools.partial(file_chunks, fd, offset, length)
         headers = self._body_headers(length, chunks)
         params = {"partNumber": str(number), "uploadId": upload_id}
-        _, reply_headers, _ = self._request("UploadPart", "PUT", s3key, params, headers, chunks)
-        return {"ETag": reply_headers.get("etag", "")}
+        reply = self._request("UploadPart", "PUT", s3key, params, headers, chunks)
+        return {"ETag": reply.headers.get("etag", "")}
 
     def put_object(
         self,
@@ -508,8 +564,8 @@ class LeanS3:
         reply's headers in `ResponseMetadata.HTTPHeaders`)."""
         headers = _meta_headers(metadata)
         headers.update(self._body_headers(length, chunks))
-        _, reply_headers, _ = self._request("PutObject", "PUT", s3key, {}, headers, chunks)
-        return {"ETag": reply_headers.get("etag", ""), "ResponseMetadata": _metadata(reply_headers)}
+        reply = self._request("PutObject", "PUT", s3key, {}, headers, chunks)
+        return {"ETag": reply.headers.get("etag", ""), "ResponseMetadata": _metadata(reply.headers)}
 
     def _body_headers(self, length: int, chunks: Callable[[], Iterator[bytes]]) -> dict[str, str]:
         """Content-Length, and over http the CRC32 of the body (see the module docstring)."""
@@ -523,10 +579,10 @@ class LeanS3:
 
     def create_upload(self, s3key: str, metadata: Mapping[str, str]) -> str:
         """CreateMultipartUpload with user `metadata`; the upload id."""
-        _, _, body = self._request(
+        reply = self._request(
             "CreateMultipartUpload", "POST", s3key, {"uploads": ""}, _meta_headers(metadata), b""
         )
-        upload_id = _xml_field(body, "UploadId")
+        upload_id = _xml_field(reply.body, "UploadId")
         if not upload_id:
             raise Unsupported("CreateMultipartUpload answer without an UploadId", 200)
         return upload_id
@@ -548,7 +604,7 @@ class LeanS3:
             '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             f"{listed}</CompleteMultipartUpload>"
         ).encode()
-        _, reply_headers, body = self._request(
+        reply = self._request(
             "CompleteMultipartUpload",
             "POST",
             s3key,
@@ -556,10 +612,10 @@ class LeanS3:
             {"content-type": "application/xml"},
             body=document,
         )
-        etag = _xml_field(body, "ETag")
+        etag = _xml_field(reply.body, "ETag")
         if not etag:
             raise Unsupported("CompleteMultipartUpload answer without an ETag", 200)
-        return {"ETag": etag, "ResponseMetadata": _metadata(reply_headers)}
+        return {"ETag": etag, "ResponseMetadata": _metadata(reply.headers)}
 
     def abort_upload(self, s3key: str, upload_id: str) -> None:
         """AbortMultipartUpload."""
@@ -593,11 +649,12 @@ class LeanS3:
         params: Mapping[str, str],
         headers: dict[str, str],
         body: Body = None,
-    ) -> tuple[int, Any, bytes]:
-        """Send with retries; the status, headers and body of a 2xx answer, else raise.
+        into: memoryview | None = None,
+    ) -> _Reply:
+        """Send with retries; the 2xx answer, else raise.
 
         `body`: bytes are sent signed with their SHA-256; a callable makes the request body
-        anew for each attempt (a part, sent as `UNSIGNED-PAYLOAD`).
+        anew for each attempt (a part, sent as `UNSIGNED-PAYLOAD`). `into`: see `get`.
         """
         path = self.address.path_prefix
         if s3key is not None:
@@ -608,7 +665,7 @@ class LeanS3:
         while True:
             attempt += 1
             try:
-                status, reply_headers, reply = self._send(method, path, query, url, headers, body)
+                reply = self._send(method, path, query, url, headers, body, into)
             except botocore.exceptions.BotoCoreError as exc:
                 if attempt < self._attempts and isinstance(
                     exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError
@@ -618,11 +675,12 @@ class LeanS3:
                     )
                     continue
                 raise
-            if status == 200 and operation in _ERRORS_IN_200 and _is_error_document(reply):
+            status = reply.status
+            if status == 200 and operation in _ERRORS_IN_200 and _is_error_document(reply.body):
                 status = 500  # an error sent after the 200 (botocore's _handle_200_error)
             if 200 <= status < 300:
-                return status, reply_headers, reply
-            error = self._error(operation, method, status, reply_headers, reply)
+                return reply
+            error = self._error(operation, method, status, reply.headers, reply.body)
             code = error.response["Error"]["Code"]
             throttled = code in THROTTLING_CODES
             if attempt < self._attempts and (
@@ -641,7 +699,8 @@ class LeanS3:
         url: str,
         headers: dict[str, str],
         body: Body = None,
-    ) -> tuple[int, Any, bytes]:
+        into: memoryview | None = None,
+    ) -> _Reply:
         if self._credentials is None:
             raise botocore.exceptions.NoCredentialsError()
         credentials = self._credentials.get_frozen_credentials()
@@ -666,7 +725,7 @@ class LeanS3:
                 retries=False,
                 redirect=False,
                 assert_same_host=False,
-                preload_content=True,
+                preload_content=into is None,
                 decode_content=False,
             )
         except urllib3.exceptions.SSLError as exc:
@@ -683,7 +742,9 @@ class LeanS3:
             raise botocore.exceptions.ConnectionClosedError(error=exc, endpoint_url=where) from exc
         except Exception as exc:
             raise botocore.exceptions.HTTPClientError(error=exc) from exc
-        return response.status, response.headers, response.data
+        if into is not None:
+            return _receive(response, into, where)
+        return _Reply(response.status, response.headers, response.data)
 
     @staticmethod
     def _error(
