@@ -646,9 +646,14 @@ class ThreadRecordingStore(MemStore):
         self.peak = 0
         self._running = 0
         self._count_lock = threading.Lock()
+        self._inside = threading.local()
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
+        if getattr(self._inside, "call", False):  # a call made by another (any_below: LIST)
+            yield
+            return
+        self._inside.call = True
         with self._count_lock:
             self.threads.add(threading.get_ident())
             self._running += 1
@@ -657,6 +662,7 @@ class ThreadRecordingStore(MemStore):
             time.sleep(0.01)  # long enough for overlapping calls to be seen overlapping
             yield
         finally:
+            self._inside.call = False
             with self._count_lock:
                 self._running -= 1
 
@@ -667,6 +673,10 @@ class ThreadRecordingStore(MemStore):
     def head(self, key: str) -> ObjectInfo:
         with self._call():
             return super().head(key)
+
+    def list_pages(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+        with self._call():
+            yield from super().list_pages(prefix, delimiter)
 
 
 def test_warm_up_starts_the_threads_a_cold_lookup_uses(tmp_path: Path) -> None:
@@ -682,6 +692,34 @@ def test_warm_up_starts_the_threads_a_cold_lookup_uses(tmp_path: Path) -> None:
     assert pfs.getattr("/d/f").size == 1  # a cold lookup: GET here, HEAD and LIST beside it
     assert store.threads - {threading.get_ident()} <= warmed
     assert store.threads - {threading.get_ident()}
+    assert pfs.shutdown() == []
+
+
+def test_warm_up_makes_the_roots_directories_one_head_each(tmp_path: Path) -> None:
+    store = MemStore("warm-root")
+    store.put_bytes("d/f", b"x", {})
+    store.put_bytes("m/", b"", encode_meta(0o700, 5_000_000_000, 5_000_000_000))
+    store.put_bytes("top", b"yz", {})
+    pfs = make_fs(store, tmp_path, metadata_ttl=0.5)
+    pfs.warm_up()
+
+    def calls_for(path: str) -> dict[str, int]:
+        before = dict(store.calls)
+        node = pfs.getattr(path)
+        assert node is not None
+        return {op: n - before.get(op, 0) for op, n in store.calls.items() if n != before.get(op)}
+
+    assert calls_for("/d") == {"head": 1}  # the marker's HEAD: absent, an implicit directory
+    assert pfs.getattr("/d").is_dir
+    assert calls_for("/m") == {"head": 1}
+    assert pfs.getattr("/m").mode & 0o777 == 0o700  # the marker's attributes, as a lookup
+    assert set(calls_for("/top")) >= {"get", "head", "list"}  # a file: the full lookup
+    pfs.rmdir("/m")
+    with pytest.raises(PoolFSError):
+        pfs.getattr("/m")  # our own change wins over the hint
+    time.sleep(0.6)  # past metadata_ttl: the hint is gone too
+    store.put_bytes("d/", b"", {})
+    assert set(calls_for("/d")) >= {"get", "head", "list"}
     assert pfs.shutdown() == []
 
 

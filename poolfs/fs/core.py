@@ -151,6 +151,8 @@ class PoolFS:
         self._next_fh = 1
         self._logged: set[str] = set()
         self._root_refreshing = False
+        # Names the root's first LIST page showed as directories at mount, until when.
+        self._root_dirs: tuple[set[str], float] = (set(), 0.0)
         self._started_ns = time.time_ns()
         self._executor = ThreadPoolExecutor(
             config.io_threads, thread_name_prefix="poolfs-io", initializer=_block_signals
@@ -188,22 +190,50 @@ class PoolFS:
 
         `_resolve` sends three requests in parallel, two of them from executor threads; on a
         fresh mount the first lookup would also start those threads and open two more store
-        connections. Here `_LOOKUP_FANOUT` overlapping cheap requests (does the pool hold
-        anything?) do that at mount. Measured on SeaweedFS: open + read(1) of a file one
-        directory down on a fresh mount, median of 15, 15.95 -> 14.43 ms. Store errors are
-        ignored: the mount's own check reports an unreachable store.
+        connections. Here `_LOOKUP_FANOUT` overlapping cheap requests do that at mount: one
+        lists the root's first page (`_note_root_dirs`), the others ask whether the pool holds
+        anything. Measured on SeaweedFS: open + read(1) of a file one directory down on a
+        fresh mount, median of 15, 15.95 -> 14.43 ms; the root's directories then need one
+        HEAD instead of a three-request lookup (bench/README.md). Store errors are ignored:
+        the mount's own check reports an unreachable store.
         """
         parallel = min(_LOOKUP_FANOUT, self.config.io_threads)
         together = threading.Barrier(parallel)
 
-        def probe() -> None:
+        def probe(i: int) -> None:
             with contextlib.suppress(threading.BrokenBarrierError):
                 together.wait(timeout=1.0)
             with contextlib.suppress(StoreError):
-                self.store.any_below("")
+                if i == 0:
+                    self._note_root_dirs()
+                else:
+                    self.store.any_below("")
 
-        for fut in [self._executor.submit(probe) for _ in range(parallel)]:
+        for fut in [self._executor.submit(probe, i) for i in range(parallel)]:
             fut.result()
+
+    def _note_root_dirs(self) -> None:
+        """Remember which names the first LIST page of the root shows as directories, for
+        metadata_ttl: `_resolve` then needs only their marker's HEAD (for its attributes),
+        not the three requests of a cold lookup. Only a hint for names seen as directories:
+        nothing is cached as a listing (a listing's file attributes lack the metadata a
+        lookup reads) and absent names are looked up as before."""
+        expires = self._expiry()
+        page = next(iter(self.store.list_pages("", "/")), None)
+        if page is None:
+            return
+        names = {p[:-1] for p in page.prefixes if p.endswith("/")}
+        usable = {n for n in names if self._usable(n, n + "/")}
+        for info in page.objects:
+            if info.key in usable:  # as the lookup would have found (`_resolve`)
+                self._log_once(
+                    "shadow:" + info.key,
+                    "object %r is shadowed by directory %r",
+                    info.key,
+                    info.key + "/",
+                )
+        with self._lock:
+            self._root_dirs = (usable, expires)
 
     # ------------------------------------------------------------------ helpers
 
@@ -281,6 +311,8 @@ class PoolFS:
                 return
             parent_dir = parent_path(path)
             name = path.rsplit("/", 1)[1]
+            if parent_dir == "/":
+                self._root_dirs[0].discard(name)
             self._seq += 1
             if parent_dir in self._listing_since:
                 changes = self._changes.setdefault(parent_dir, {})
@@ -426,6 +458,13 @@ class PoolFS:
             with self._lock:
                 self._root_refreshing = False
 
+    def _root_dir_hint(self, name: str) -> bool:
+        """Whether the root's first LIST page at mount showed `name` as a directory, and
+        that is still fresh (see `_note_root_dirs`)."""
+        with self._lock:
+            names, expires = self._root_dirs
+            return name in names and self._fresh(expires)
+
     def _resolve(self, path: str, key: str) -> Node | None:
         """Ask the store what `path` is: marker, implicit directory, file or nothing.
 
@@ -434,6 +473,13 @@ class PoolFS:
         lookup (`_take_ahead`): an open then costs no round trip of its own.
         """
         marker = dir_marker(key)
+        if parent_path(path) == "/" and self._root_dir_hint(key):
+            try:
+                return self._dir_node(self.store.head(marker), marker)
+            except NotFound:
+                return self._dir_node(None, marker)  # a directory of keys below it only
+            except StoreError as exc:
+                raise from_store(exc, "lookup", path) from exc
         f_marker = self._executor.submit(self.store.head, marker)
         f_below = self._executor.submit(self.store.any_below, marker)
         started = time.monotonic()
