@@ -39,13 +39,14 @@ Invariants a newcomer must keep:
   sent as `UNSIGNED-PAYLOAD` (accepted over http and https), streamed from the staging file in
   1 MiB preads (or from memory), and made anew for every attempt. Integrity: over https as
   botocore's own client (`request_checksum_calculation="when_required"`: TLS, no body
-  checksum); over http an `x-amz-checksum-crc32` header (zlib: ~0.25 ms per MiB, SHA-256
-  ~0.6 ms) that the server checks (SeaweedFS answers BadDigest on a mismatch). What the CRC
-  does not give is the payload signature's protection against a body altered on purpose in
-  transit: plain http has none for reads either. A PUT (object or part) answered with 400 or
-  501 (a server that refuses the checksum header or the unsigned payload, or BadDigest: the
-  part changed between its checksum and its sending) raises `Unsupported`, so botocore sends
-  it again; 400 RequestTimeout and throttling codes are retried here as botocore retries them.
+  checksum); over http an `x-amz-checksum-crc32` header (ISA-L's crc32: ~0.02 ms per MiB,
+  zlib's ~0.37 ms, SHA-256 ~0.6 ms) that the server checks (SeaweedFS answers BadDigest on a
+  mismatch). What the CRC does not give is the payload signature's protection against a
+  body altered on purpose in transit: plain http has none for reads either. A PUT (object or
+  part) answered with 400 or 501 (a server that refuses the checksum header or the unsigned
+  payload, or BadDigest: the part changed between its checksum and its sending) raises
+  `Unsupported`, so botocore sends it again; 400 RequestTimeout and throttling codes are
+  retried here as botocore retries them.
 - User metadata is sent as `x-amz-meta-*` headers only when every name and value is plain
   printable ASCII; anything else raises `Unsupported` before sending (botocore refuses
   non-ASCII metadata itself). A CompleteMultipartUpload answered 200 with an `<Error>` body is
@@ -70,7 +71,6 @@ import socket
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +82,7 @@ import urllib3
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
+from isal.isal_zlib import crc32
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -573,7 +574,7 @@ class LeanS3:
         if not self._https:
             crc = 0
             for chunk in chunks():
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
             headers["x-amz-checksum-crc32"] = base64.b64encode(crc.to_bytes(4, "big")).decode()
         return headers
 
