@@ -11,11 +11,9 @@ Rules:
   release call, so no path (a cancelled prefetch, a failed read, a span still being copied
   into a FUSE reply by another thread) can hand out memory still in use. Whether anything
   still references a buffer is CPython's reference count (`sys.getrefcount`); on an
-  interpreter where that count does not behave as CPython's (checked once at start), no
-  buffer is kept: each `take()` is a new one.
-- At most `limit` buffers are kept; beyond that `take()` hands out a new buffer that is not
-  kept (unmapped when its last user drops it), still with huge pages, so a part beyond the
-  pool costs 4 faults, not the 2048 of a malloc'd one.
+  interpreter where that count does not behave as CPython's (checked once at start), every
+  `take()` returns None and callers allocate as before.
+- At most `limit` buffers exist; beyond that `take()` returns None (the caller allocates).
 - Buffers unused for `idle` seconds are dropped (unmapped) by a small janitor thread that
   runs only while the pool holds buffers: an idle mount goes back to its resting memory.
 - Buffers are anonymous mmaps of `size` bytes, advised MADV_HUGEPAGE where available (the
@@ -45,8 +43,7 @@ _REFCOUNTS_WORK = _refcounts_work()
 
 
 class PartBuffers:
-    """Up to `limit` kept, reusable writable buffers of `size` bytes; see the module
-    docstring."""
+    """Up to `limit` reusable writable buffers of `size` bytes; see the module docstring."""
 
     def __init__(self, size: int, limit: int, idle: float = 5.0) -> None:
         self.size = size
@@ -59,8 +56,7 @@ class PartBuffers:
         self._closed = threading.Event()
 
     def take(self) -> mmap.mmap | None:
-        """A kept buffer nobody references, else a new one (kept while under the limit);
-        None once closed."""
+        """A buffer nobody references, or a new one; None at the limit (or when closed)."""
         with self._lock:
             if self._closed.is_set():
                 return None
@@ -70,11 +66,11 @@ class PartBuffers:
                 if sys.getrefcount(bufs[i]) == 2:  # the list's reference and the argument
                     self._used[i] = now
                     return bufs[i]
+            if len(bufs) >= self.limit:
+                return None
             buf = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 buf.madvise(mmap.MADV_HUGEPAGE)  # 4 faults per 8 MiB instead of 2048
-            if len(bufs) >= self.limit:
-                return buf  # not kept: unmapped when its last user drops it
             bufs.append(buf)
             self._used.append(now)
             if self._janitor is None:

@@ -113,8 +113,8 @@ class Context:
         self.spill = spill
         # Sequential parts are received into reused buffers, as many as one sequential
         # reader's window holds; parts beyond that (the part being read, more readers at
-        # once) get new buffers, freed when dropped. Each kept buffer is a part of RSS for
-        # as long as reading goes on (measured in bench/README.md).
+        # once) are new memory as before, freed when dropped. Each resident buffer is a part
+        # of RSS for good while reading (measured in bench/README.md).
         self.buffers = PartBuffers(config.part_size, max(1, config.max_window // config.part_size))
 
     def download(self, key: str, info: ObjectInfo, fd: int, op: str, path: str) -> None:
