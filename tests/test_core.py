@@ -695,6 +695,13 @@ def test_warm_up_starts_the_threads_a_cold_lookup_uses(tmp_path: Path) -> None:
     assert pfs.shutdown() == []
 
 
+def calls_for_fs(pfs: PoolFS, store: MemStore, path: str) -> dict[str, int]:
+    """The store calls one getattr of `path` makes."""
+    before = dict(store.calls)
+    pfs.getattr(path)
+    return {op: n - before.get(op, 0) for op, n in store.calls.items() if n != before.get(op)}
+
+
 def test_warm_up_makes_the_roots_directories_one_head_each(tmp_path: Path) -> None:
     store = MemStore("warm-root")
     store.put_bytes("d/f", b"x", {})
@@ -704,10 +711,7 @@ def test_warm_up_makes_the_roots_directories_one_head_each(tmp_path: Path) -> No
     pfs.warm_up()
 
     def calls_for(path: str) -> dict[str, int]:
-        before = dict(store.calls)
-        node = pfs.getattr(path)
-        assert node is not None
-        return {op: n - before.get(op, 0) for op, n in store.calls.items() if n != before.get(op)}
+        return calls_for_fs(pfs, store, path)
 
     assert calls_for("/d") == {"head": 1}  # the marker's HEAD: absent, an implicit directory
     assert pfs.getattr("/d").is_dir
@@ -717,9 +721,17 @@ def test_warm_up_makes_the_roots_directories_one_head_each(tmp_path: Path) -> No
     pfs.rmdir("/m")
     with pytest.raises(PoolFSError):
         pfs.getattr("/m")  # our own change wins over the hint
-    time.sleep(0.6)  # past metadata_ttl: the hint is gone too
-    store.put_bytes("d/", b"", {})
-    assert set(calls_for("/d")) >= {"get", "head", "list"}
+    pfs.rename("/d", "/e")  # a directory rename forgets the tree, the hint with it
+    with pytest.raises(PoolFSError):
+        pfs.getattr("/d")
+    assert pfs.getattr("/e/f").size == 1
+    store.put_bytes("x/y", b"1", {})
+    pfs2 = make_fs(store, tmp_path / "again", metadata_ttl=0.5)
+    pfs2.warm_up()
+    assert calls_for_fs(pfs2, store, "/x") == {"head": 1}
+    time.sleep(0.6)  # past metadata_ttl: the hint is gone
+    assert set(calls_for_fs(pfs2, store, "/e")) >= {"get", "head", "list"}
+    assert pfs2.shutdown() == []
     assert pfs.shutdown() == []
 
 

@@ -369,6 +369,8 @@ class PoolFS:
                 del self._listings[p]
             for p in [p for p in self._kept if p == path or p.startswith(prefix)]:
                 del self._kept[p]
+            if path != "/" and parent_path(path) == "/":
+                self._root_dirs[0].discard(path[1:])
 
     def _stored(self, sf: StagedFile, info: ObjectInfo) -> None:
         """Callback after an upload: the store now holds `info` for `sf`."""
