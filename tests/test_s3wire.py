@@ -899,6 +899,22 @@ def test_metadata_that_is_no_plain_header_is_left_to_botocore(canned: CannedS3) 
     store.close()
 
 
+def test_a_put_refused_for_the_object_itself_is_not_sent_again(canned: CannedS3) -> None:
+    # EntityTooLarge, MetadataTooLarge...: botocore would be refused the same; one request.
+    store = _canned_store(canned)
+    canned.replies.append(_xml_error(400, "EntityTooLarge", "too big"))
+    with pytest.raises(StoreError, match="EntityTooLarge"):
+        store.put_bytes("k", b"x" * 100, {})
+    canned.replies.append(_xml_error(400, "MetadataTooLarge", "too much"))
+    with pytest.raises(StoreError, match="MetadataTooLarge"):
+        store.put_bytes("k", b"x", {"big": "v" * 100})
+    assert [seen.headers["user-agent"].startswith("poolfs-lean") for seen in canned.seen] == [
+        True,
+        True,
+    ]
+    store.close()
+
+
 def _completed(etag: str) -> Reply:
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n<CompleteMultipartUploadResult>'

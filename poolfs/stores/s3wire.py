@@ -46,7 +46,8 @@ Invariants a newcomer must keep:
   part) answered with 400 or 501 (a server that refuses the checksum header or the unsigned
   payload, or BadDigest: the part changed between its checksum and its sending) raises
   `Unsupported`, so botocore sends it again; 400 RequestTimeout and throttling codes are
-  retried here as botocore retries them.
+  retried here as botocore retries them, and refusals of the object itself (EntityTooLarge,
+  MetadataTooLarge, ...) are raised at once, as botocore would get them too.
 - User metadata is sent as `x-amz-meta-*` headers only when every name and value is plain
   printable ASCII; anything else raises `Unsupported` before sending (botocore refuses
   non-ASCII metadata itself). A CompleteMultipartUpload answered 200 with an `<Error>` body is
@@ -130,6 +131,11 @@ KEPT_HEADERS = {
     "content-language": "ContentLanguage",
 }
 _META_PREFIX = "x-amz-meta-"
+# 400 answers to a PUT that are about the object, not about how this path sent it: botocore
+# would get the same, so they are raised here instead of sending the body again.
+_REFUSED_WHOEVER_SENDS = frozenset(
+    {"EntityTooLarge", "EntityTooSmall", "MetadataTooLarge", "KeyTooLongError"}
+)
 # Operations whose 200 answer may carry an error (botocore handlers._handle_200_error).
 _ERRORS_IN_200 = frozenset({"CompleteMultipartUpload"})
 _AWS_HOST = re.compile(r"^s3(?:\.(?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
@@ -758,7 +764,11 @@ class LeanS3:
             # changed between its checksum and its sending): botocore sends it signed.
             # RequestTimeout (400: the body came too slowly) is retried here as by botocore.
             code = _error_fields(body)[0] or str(status)
-            if code not in TRANSIENT_CODES and code not in THROTTLING_CODES:
+            if (
+                code not in TRANSIENT_CODES
+                and code not in THROTTLING_CODES
+                and code not in _REFUSED_WHOEVER_SENDS
+            ):
                 raise Unsupported(f"HTTP {status} {code} to an unsigned part", status, code)
         if method == "HEAD":
             if status == 400:
