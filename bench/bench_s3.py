@@ -825,6 +825,7 @@ class Bench:
         assert self.source is not None
         name = f"{kind}-{run}.bin"
         with self.mounted(kind, f"write-{run}") as m:
+            assert m.pid is not None
             self.drop_caches()
             # 20 ms samples: the sampler's CPU counts as client CPU; RSS here moves slowly.
             with RssSampler(m.pid, 0.02) as rss, self.meter(m.pid) as t:
