@@ -226,12 +226,7 @@ class PoolFS:
         usable = {n for n in names if self._usable(n, n + "/")}
         for info in page.objects:
             if info.key in usable:  # as the lookup would have found (`_resolve`)
-                self._log_once(
-                    "shadow:" + info.key,
-                    "object %r is shadowed by directory %r",
-                    info.key,
-                    info.key + "/",
-                )
+                self._log_shadowed(info.key)
         with self._lock:
             self._root_dirs = (usable, expires)
 
@@ -311,8 +306,7 @@ class PoolFS:
                 return
             parent_dir = parent_path(path)
             name = path.rsplit("/", 1)[1]
-            if parent_dir == "/":
-                self._root_dirs[0].discard(name)
+            self._drop_root_hint(path)
             self._seq += 1
             if parent_dir in self._listing_since:
                 changes = self._changes.setdefault(parent_dir, {})
@@ -369,8 +363,13 @@ class PoolFS:
                 del self._listings[p]
             for p in [p for p in self._kept if p == path or p.startswith(prefix)]:
                 del self._kept[p]
-            if path != "/" and parent_path(path) == "/":
-                self._root_dirs[0].discard(path[1:])
+            self._drop_root_hint(path)
+
+    def _drop_root_hint(self, path: str) -> None:
+        """Our own change of `path` (lock held): a root name's directory hint is no longer
+        what the store holds (`_note_root_dirs`)."""
+        if path != "/" and parent_path(path) == "/":
+            self._root_dirs[0].discard(path[1:])
 
     def _stored(self, sf: StagedFile, info: ObjectInfo) -> None:
         """Callback after an upload: the store now holds `info` for `sf`."""
@@ -460,6 +459,9 @@ class PoolFS:
             with self._lock:
                 self._root_refreshing = False
 
+    def _log_shadowed(self, key: str) -> None:
+        self._log_once("shadow:" + key, "object %r is shadowed by directory %r", key, key + "/")
+
     def _root_dir_hint(self, name: str) -> bool:
         """Whether the root's first LIST page at mount showed `name` as a directory, and
         that is still fresh (see `_note_root_dirs`)."""
@@ -496,9 +498,7 @@ class PoolFS:
                 pass
             if f_below.result():
                 if file_info is not None:
-                    self._log_once(
-                        "shadow:" + key, "object %r is shadowed by directory %r", key, marker
-                    )
+                    self._log_shadowed(key)
                 return self._dir_node(None, marker)
             if file_info is None:
                 return None
