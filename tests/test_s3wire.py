@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ from poolfs.stores.s3wire import (
     iso_seconds_ns,
     parse_list_page,
     seconds_ns,
+    send_file,
 )
 from tests.fixtures_servers import S3Bucket
 from tests.servers import ACCESS_KEY, SECRET_KEY
@@ -765,6 +767,72 @@ def test_part_is_sent_unsigned_with_its_crc_from_the_file(canned: CannedS3, tmp_
     assert upload._parts == {2: ('"p2"', len(part))}
     os.close(fd)
     store.close()
+
+
+def test_part_body_goes_by_sendfile_over_http(
+    canned: CannedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over http the body is handed to the socket by the kernel (no copy of it in Python).
+    calls: list[tuple[int, int]] = []
+    real = os.sendfile
+
+    def spy(out: int, fd: int, offset: int | None, count: int) -> int:
+        calls.append((fd, count))
+        return real(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    store = _canned_store(canned)
+    fd, data = _part_file(tmp_path, 3 * 1024 * 1024)
+    canned.replies.append(Reply(200, {"ETag": '"p1"'}))
+    _started_upload(store).put_part(1, fd, 0, len(data))
+    assert canned.seen[0].body == data
+    assert calls and {f for f, _ in calls} == {fd}
+    os.close(fd)
+    store.close()
+
+
+def test_part_body_goes_in_reads_over_https(
+    canned: CannedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TLS sockets cannot sendfile: the same part goes in 1 MiB reads, without the CRC (TLS
+    # protects it). The canned server speaks http; only the client's choice is under test.
+    monkeypatch.setattr(os, "sendfile", None)  # any use would raise TypeError
+    store = _canned_store(canned)
+    assert store.lean is not None
+    store.lean._https = True
+    fd, data = _part_file(tmp_path, 2 * 1024 * 1024 + 3)
+    canned.replies.append(Reply(200, {"ETag": '"p1"'}))
+    _started_upload(store).put_part(1, fd, 0, len(data))
+    [seen] = canned.seen
+    assert seen.body == data and "x-amz-checksum-crc32" not in seen.headers
+    os.close(fd)
+    store.close()
+
+
+def test_send_file_gives_up_after_the_socket_timeout(tmp_path: Path) -> None:
+    # A peer that stops reading: the body send fails after the socket's timeout (as
+    # sendall would), instead of hanging.
+    fd, _ = _part_file(tmp_path, 16 * 1024 * 1024)
+    ours, peer = socket.socketpair()
+    ours.settimeout(0.3)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        send_file(ours, fd, 0, 16 * 1024 * 1024)
+    assert 0.3 <= time.monotonic() - started < 5
+    ours.close()
+    peer.close()
+    os.close(fd)
+
+
+def test_send_file_stops_at_the_end_of_the_file(tmp_path: Path) -> None:
+    fd, data = _part_file(tmp_path, 1000)
+    ours, peer = socket.socketpair()
+    ours.settimeout(5)
+    assert send_file(ours, fd, 600, 1000) == 400
+    assert peer.recv(2000) == data[600:]
+    ours.close()
+    peer.close()
+    os.close(fd)
 
 
 def test_retried_part_is_sent_again_from_the_file(canned: CannedS3, tmp_path: Path) -> None:

@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import functools
 import logging
 import os
 import threading
@@ -118,12 +117,12 @@ from poolfs.stores.base import (
 )
 from poolfs.stores.s3wire import (
     KEPT_HEADERS,
+    FileSpan,
     LeanS3,
     ListResult,
     PartView,
     Unsupported,
     address_for,
-    file_chunks,
     seconds_ns,
 )
 
@@ -653,9 +652,7 @@ class S3Store(Store):
                 return self._put_multipart(key, s3key, source, size, meta)
             fd = source.fileno()
             try:
-                response = self._put_object(
-                    s3key, meta, size, functools.partial(file_chunks, fd, 0, size), source
-                )
+                response = self._put_object(s3key, meta, size, FileSpan(fd, 0, size), source)
             except _BOTO_ERRORS as exc:
                 self._fail("put", key, exc)
         return ObjectInfo(key, size, _unquote(response["ETag"]), _response_time_ns(response), meta)
@@ -665,14 +662,14 @@ class S3Store(Store):
         s3key: str,
         meta: dict[str, str],
         size: int,
-        chunks: Callable[[], Iterator[bytes]],
+        sent: FileSpan | Callable[[], Iterator[bytes]],
         body: bytes | BinaryIO,
     ) -> Mapping[str, Any]:
-        """PutObject on the lean path (the `size` bytes `chunks()` makes), or of `body` on
-        the botocore client; botocore's shape."""
+        """PutObject on the lean path (`sent`, `size` bytes), or of `body` on the botocore
+        client; botocore's shape."""
         return self._lean_or_boto(
             "put",
-            lambda lean: lean.put_object(s3key, meta, size, chunks),
+            lambda lean: lean.put_object(s3key, meta, size, sent),
             lambda: self._client.put_object(
                 Bucket=self.bucket, Key=s3key, Body=body, Metadata=meta
             ),

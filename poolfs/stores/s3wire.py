@@ -61,20 +61,20 @@ from __future__ import annotations
 import base64
 import calendar
 import datetime
-import functools
 import hashlib
 import hmac
 import http.client
 import os
 import random
 import re
+import selectors
 import socket
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import botocore.credentials
 import botocore.exceptions
@@ -83,6 +83,7 @@ import urllib3
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.util
 from isal.isal_zlib import crc32
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -413,8 +414,65 @@ def address_for(
 # --- the client --------------------------------------------------------------------------------
 
 
-# A request body: bytes (signed with their SHA-256) or a maker of a part's chunks (unsigned).
-Body = bytes | Callable[[], Iterator[bytes]] | None
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """`length` bytes at `offset` of the file `fd`: a request body sent unsigned, with
+    sendfile(2) over http (`_SendfileConnection`), in 1 MiB preads over https."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def chunks(self) -> Iterator[bytes]:
+        return file_chunks(self.fd, self.offset, self.length)
+
+
+# A request body: bytes (signed with their SHA-256), a span of a file or a maker of its
+# chunks (both unsigned).
+Body = bytes | FileSpan | Callable[[], Iterator[bytes]] | None
+
+
+class _SendfileConnection(urllib3.connection.HTTPConnection):
+    """A plain-http connection that sends a `FileSpan` body with sendfile(2): the kernel
+    hands the file's cached pages to the socket, instead of one pread copy into Python
+    and one more copy into the socket per byte (`bench/README.md`, "Write-path CPU")."""
+
+    def send(self, data: Any) -> None:
+        if not isinstance(data, FileSpan):
+            super().send(data)
+            return
+        sock = self.sock
+        assert sock is not None  # urllib3 sends the body after the headers, connected
+        sent = send_file(sock, data.fd, data.offset, data.length)
+        while sent < data.length:  # the file shrank under the part: zeros, as PartView
+            count = min(_CHUNK, data.length - sent)
+            sock.sendall(bytes(count))
+            sent += count
+
+
+def send_file(sock: socket.socket, fd: int, offset: int, length: int) -> int:
+    """sendfile(2) of up to `length` bytes at `offset` of `fd` to `sock`, within the
+    socket's timeout per wait; the bytes sent (fewer at the end of the file)."""
+    timeout = sock.gettimeout()
+    out = sock.fileno()
+    sent = 0
+    with selectors.PollSelector() as selector:
+        selector.register(out, selectors.EVENT_WRITE)
+        while sent < length:
+            try:
+                count = os.sendfile(out, fd, offset + sent, length - sent)
+            except BlockingIOError:
+                if not selector.select(timeout):
+                    raise TimeoutError("timed out sending a request body") from None
+                continue
+            if count == 0:
+                break
+            sent += count
+    return sent
+
+
+class _SendfilePool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _SendfileConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,10 +555,15 @@ class LeanS3:
             "retries": False,
             "socket_options": options,
         }
-        if address.base.startswith("https:"):
+        self._pool: urllib3.connectionpool.HTTPConnectionPool
+        if self._https:
             pool_args["cert_reqs"] = "CERT_REQUIRED"
             pool_args["ca_certs"] = ca_bundle
-        self._pool = urllib3.connectionpool.connection_from_url(address.base, **pool_args)
+            self._pool = urllib3.connectionpool.connection_from_url(address.base, **pool_args)
+        else:
+            where = urllib3.util.parse_url(address.base)
+            assert where.host is not None
+            self._pool = _SendfilePool(where.host, where.port, **pool_args)
 
     def close(self) -> None:
         self._pool.close()
@@ -553,10 +616,10 @@ class LeanS3:
         self, s3key: str, upload_id: str, number: int, fd: int, offset: int, length: int
     ) -> dict[str, Any]:
         """UploadPart of `length` bytes at `offset` of `fd`; botocore's shape (`ETag`)."""
-        chunks = functools.partial(file_chunks, fd, offset, length)
-        headers = self._body_headers(length, chunks)
+        body = FileSpan(fd, offset, length)
+        headers = self._body_headers(length, body.chunks)
         params = {"partNumber": str(number), "uploadId": upload_id}
-        reply = self._request("UploadPart", "PUT", s3key, params, headers, chunks)
+        reply = self._request("UploadPart", "PUT", s3key, params, headers, body)
         return {"ETag": reply.headers.get("etag", "")}
 
     def put_object(
@@ -564,14 +627,17 @@ class LeanS3:
         s3key: str,
         metadata: Mapping[str, str],
         length: int,
-        chunks: Callable[[], Iterator[bytes]],
+        body: FileSpan | Callable[[], Iterator[bytes]],
     ) -> dict[str, Any]:
-        """PutObject of the `length` bytes `chunks()` makes (once per attempt, and once more
-        for the checksum over http) with user `metadata`; botocore's shape (`ETag`, and the
-        reply's headers in `ResponseMetadata.HTTPHeaders`)."""
+        """PutObject of `body`, `length` bytes (a span of a file, or the chunks a callable
+        makes once per attempt and once more for the checksum over http), with user
+        `metadata`; botocore's shape (`ETag`, and the reply's headers in
+        `ResponseMetadata.HTTPHeaders`)."""
         headers = _meta_headers(metadata)
-        headers.update(self._body_headers(length, chunks))
-        reply = self._request("PutObject", "PUT", s3key, {}, headers, chunks)
+        headers.update(
+            self._body_headers(length, body.chunks if isinstance(body, FileSpan) else body)
+        )
+        reply = self._request("PutObject", "PUT", s3key, {}, headers, body)
         return {"ETag": reply.headers.get("etag", ""), "ResponseMetadata": _metadata(reply.headers)}
 
     def _body_headers(self, length: int, chunks: Callable[[], Iterator[bytes]]) -> dict[str, str]:
@@ -660,8 +726,8 @@ class LeanS3:
     ) -> _Reply:
         """Send with retries; the 2xx answer, else raise.
 
-        `body`: bytes are sent signed with their SHA-256; a callable makes the request body
-        anew for each attempt (a part, sent as `UNSIGNED-PAYLOAD`). `into`: see `get`.
+        `body`: bytes are sent signed with their SHA-256; a `FileSpan`, or a callable making
+        the request body anew for each attempt, as `UNSIGNED-PAYLOAD`. `into`: see `get`.
         """
         path = self.address.path_prefix
         if s3key is not None:
@@ -712,12 +778,15 @@ class LeanS3:
             raise botocore.exceptions.NoCredentialsError()
         credentials = self._credentials.get_frozen_credentials()
         signed = {"host": self._host, **headers}
-        sent: bytes | Iterator[bytes] | None
+        sent: bytes | Iterable[Any] | None
         if body is None:
             payload, sent = EMPTY_SHA256, None
         elif isinstance(body, bytes):
             payload, sent = hashlib.sha256(body).hexdigest(), body
             signed["content-length"] = str(len(body))
+        elif isinstance(body, FileSpan):
+            # _SendfileConnection.send takes the span whole; over https, 1 MiB preads.
+            payload, sent = UNSIGNED_PAYLOAD, body.chunks() if self._https else (body,)
         else:
             payload, sent = UNSIGNED_PAYLOAD, body()
         self._signer.sign(method, path, query, signed, credentials, payload_hash=payload)
@@ -727,7 +796,7 @@ class LeanS3:
             response = self._pool.urlopen(
                 method,
                 url,
-                body=sent,
+                body=cast(Any, sent),  # a FileSpan chunk is for _SendfileConnection.send
                 headers=signed,
                 retries=False,
                 redirect=False,
