@@ -30,10 +30,12 @@ class FSConfig(BaseModel):
     # Random reads fetch what is asked, at least this much.
     min_block: int = Field(default=128 * 1024, ge=4096)
     # Sequential read-ahead: parallel parts of this size, window growing up to the maximum.
-    # A handle holds at most the window plus the part being read (bench/README.md: a 16 MiB
-    # window saves ~12 MiB of RSS but loses ~25 % of seq read throughput on a busy machine).
+    # A handle holds at most the window plus the part being read; each 8 MiB of window is
+    # 8 MiB of RSS while reading (bench/README.md: 24 MiB reads as fast as 32 MiB from a
+    # server on the same machine with ~9 MiB less RSS; 16 MiB loses ~25 %). A store far
+    # away (high latency per GET) may want a larger window.
     part_size: int = Field(default=8 * MiB, ge=64 * 1024)
-    max_window: int = Field(default=32 * MiB, ge=64 * 1024)
+    max_window: int = Field(default=24 * MiB, ge=64 * 1024)
     # All read-ahead buffers of the mount together stay below this.
     readahead_budget: int = Field(default=64 * MiB, ge=MiB)
     io_threads: int = Field(default=16, ge=1, le=256)

@@ -112,10 +112,10 @@ class Context:
         self.budget = budget
         self.spill = spill
         # Sequential parts are received into reused buffers, as many as one sequential
-        # reader's window holds; parts beyond that (the part being read, more readers at
+        # reader's window holds plus the part being read; parts beyond that (more readers at
         # once) are new memory as before, freed when dropped. Each resident buffer is a part
         # of RSS for good while reading (measured in bench/README.md).
-        self.buffers = PartBuffers(config.part_size, max(1, config.max_window // config.part_size))
+        self.buffers = PartBuffers(config.part_size, config.max_window // config.part_size + 1)
 
     def download(self, key: str, info: ObjectInfo, fd: int, op: str, path: str) -> None:
         """Copy one pinned version into `fd`, in parallel parts."""
