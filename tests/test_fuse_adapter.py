@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from poolfs.mounts import find_mount, pid_alive, read_worker_state, worker_state_path
+from poolfs.stores import open_store
 from tests.conftest import Backend, MountFactory
 from tests.mountrig import POOLFS
 
@@ -295,3 +297,62 @@ def test_write_request_is_passed_as_a_view_released_after_the_call() -> None:
     assert (path, seen, offset, passed_fi) == ("/f", b"abcdef", 4096, fi)
     with pytest.raises(ValueError, match="released"):
         bytes(view)
+
+
+def test_stat_packer_writes_what_mfusepy_would() -> None:
+    # getattr and READDIRPLUS pack `struct stat` in one struct.pack; the bytes must be those
+    # mfusepy's own field-by-field setter writes from the same attributes.
+    import mfusepy
+
+    from poolfs.fs import fuse_ops
+    from poolfs.fs.meta import Node
+
+    ops = fuse_ops.FuseOps.__new__(fuse_ops.FuseOps)
+    ops._uid, ops._gid = 1234, 5678
+    nodes = {
+        "/d/file": Node(False, 3 * 2**40 + 5, 0o4751, 1_600_000_000_123_456_789, 7, 2**62),
+        "/d": Node(True, 0, 0o700, 0, 999_999_999, 1_000_000_000),
+    }
+    for path, node in nodes.items():
+        expected = mfusepy.c_stat()
+        mfusepy.set_st_attrs(expected, ops._stat(path, node), use_ns=True)
+        assert fuse_ops.STAT.pack(ops.stat_values(path, node)) == bytes(expected)
+    # Entries without attributes (".", "..", plain READDIR) carry inode number and type only.
+    bare = mfusepy.c_stat.from_buffer_copy(
+        fuse_ops.STAT.pack(ops.entry_values(("x", "/d/file", nodes["/d/file"]), False))
+    )
+    assert (bare.st_ino, bare.st_mode, bare.st_size) == (
+        fuse_ops.inode_number("/d/file"),
+        0o100000,
+        0,
+    )
+
+
+def test_ls_l_on_a_fresh_mount_shows_what_stat_shows(tmp_path: Path, mounter: MountFactory) -> None:
+    # On a fresh mount `ls -l` gets every entry's attributes with the listing (READDIRPLUS,
+    # packed by StatPacker): what the kernel shows must be the listing's values, to the
+    # nanosecond, and what a stat (GETATTR) answers. A listing carries no POSIX metadata the
+    # mount has not seen (README, "POSIX metadata"): modes 0644/0755 and the object's
+    # LastModified there.
+    url = _url(tmp_path)
+    first = mounter(url, name="first")
+    (first.path / "f").write_bytes(b"12345")
+    (first.path / "d").mkdir(mode=0o750)
+    first.umount()
+    stored = open_store(url).head("f").last_modified_ns
+    m = mounter(url, "--uid", "4321", "--gid", "8765", name="fresh")
+    out = subprocess.run(
+        ["ls", "-ln", "--time-style=+%s.%N", str(m.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    listed = {line.split()[-1]: line.split()[:6] for line in out.splitlines()[1:]}
+    when = f"{stored // 10**9}.{stored % 10**9:09d}"
+    assert listed["f"] == ["-rw-r--r--", "1", "4321", "8765", "5", when]
+    assert listed["d"][:4] == ["drwxr-xr-x", "2", "4321", "8765"]
+    for name in ("f", "d"):
+        st = (m.path / name).stat()
+        shown = [stat.filemode(st.st_mode), str(st.st_nlink), str(st.st_uid), str(st.st_gid)]
+        assert listed[name][:4] == shown
+        assert listed[name][5] == f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"

@@ -54,9 +54,11 @@ import errno
 import functools
 import hashlib
 import logging
+import operator
 import os
 import re
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -123,6 +125,81 @@ def inode_number(path: str) -> int:
         return 1
     digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 1) | 2
+
+
+# What getattr and READDIRPLUS report, in this order (times as (seconds, nanoseconds)).
+STAT_FIELDS = (
+    "st_ino",
+    "st_nlink",
+    "st_mode",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_blksize",
+    "st_blocks",
+    "st_atimespec",
+    "st_mtimespec",
+    "st_ctimespec",
+)
+
+
+class StatPacker:
+    """Writes `STAT_FIELDS` into libfuse's `struct stat` with one `struct.pack`.
+
+    Why: mfusepy's `set_st_attrs` sets each field through ctypes from a dict; for the 10,000
+    entries of `ls -l` that was ~60 ms of the worker's ~100 ms of CPU (bench/README.md). The
+    layout (offsets, sizes, signedness) is read from mfusepy's `c_stat`, so this holds on any
+    platform it describes; bytes not named here are zero.
+    """
+
+    def __init__(self, c_stat: Any) -> None:
+        slots: list[tuple[int, str, int]] = []  # (offset, struct code, index in a value tuple)
+        index = 0
+        for name in STAT_FIELDS:
+            field = getattr(c_stat, name)
+            kind = dict(c_stat._fields_)[name]
+            if name.endswith("timespec"):
+                for part in ("tv_sec", "tv_nsec"):
+                    sub = getattr(kind, part)
+                    code = _struct_code(dict(kind._fields_)[part], sub.size)
+                    slots.append((field.offset + sub.offset, code, index))
+                    index += 1
+            else:
+                slots.append((field.offset, _struct_code(kind, field.size), index))
+                index += 1
+        slots.sort()
+        fmt, at = "=", 0
+        for offset, code, _ in slots:
+            if offset < at:
+                raise ValueError(f"overlapping fields in {c_stat.__name__}")
+            fmt += f"{offset - at}x{code}" if offset > at else code
+            at = offset + struct.calcsize("=" + code)
+        self.size = ctypes.sizeof(c_stat)
+        fmt += f"{self.size - at}x" if self.size > at else ""
+        self._struct = struct.Struct(fmt)
+        self._order = operator.itemgetter(*(i for _, _, i in slots))
+        self.values_count = index
+
+    def pack(self, values: tuple[int, ...]) -> bytes:
+        """`values`: one int per field of STAT_FIELDS, two per timespec."""
+        return self._struct.pack(*self._order(values))
+
+    def pack_into(self, buffer: Any, values: tuple[int, ...]) -> None:
+        self._struct.pack_into(buffer, 0, *self._order(values))
+
+
+def _struct_code(kind: Any, size: int) -> str:
+    signed = kind._type_ in "bhilq"
+    codes = {1: "b", 2: "h", 4: "i", 8: "q"}
+    if size not in codes:
+        raise ValueError(f"no struct code for a {size}-byte field")
+    code = codes[size]
+    return code if signed else code.upper()
+
+
+STAT = StatPacker(fuse.c_stat)
+_NS = 1_000_000_000
+_NO_VALUES = (0,) * (STAT.values_count - 3)  # after ino, nlink, mode
 
 
 def _fh(fi: Any) -> int | None:
@@ -248,25 +325,49 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
 
     # --- attributes --------------------------------------------------------------------
 
+    def stat_values(self, path: str, node: Node) -> tuple[int, ...]:
+        """What getattr reports for `path`, as `StatPacker` takes it (STAT_FIELDS order)."""
+        size = node.size
+        return (
+            inode_number(path),
+            2 if node.is_dir else 1,
+            node.st_mode(),
+            self._uid,
+            self._gid,
+            size,
+            MAX_REQUEST,
+            (size + 511) // 512,
+            *divmod(node.atime_ns, _NS),
+            *divmod(node.mtime_ns, _NS),
+            *divmod(node.ctime_ns, _NS),
+        )
+
     def _stat(self, path: str, node: Node) -> dict[str, int]:
+        ino, nlink, mode, uid, gid, size, blksize, blocks = self.stat_values(path, node)[:8]
         return {
-            "st_ino": inode_number(path),
-            "st_mode": node.st_mode(),
-            "st_nlink": 2 if node.is_dir else 1,
-            "st_size": node.size,
-            "st_uid": self._uid,
-            "st_gid": self._gid,
+            "st_ino": ino,
+            "st_mode": mode,
+            "st_nlink": nlink,
+            "st_size": size,
+            "st_uid": uid,
+            "st_gid": gid,
             "st_atime": node.atime_ns,
             "st_mtime": node.mtime_ns,
             "st_ctime": node.ctime_ns,
-            "st_blocks": (node.size + 511) // 512,
-            "st_blksize": MAX_REQUEST,
+            "st_blocks": blocks,
+            "st_blksize": blksize,
         }
 
     @_errors
     def getattr(self, path: str, fi: Any = None) -> dict[str, int]:
         self._after_init()
         return self._stat(path, self.fs.getattr(path, _fh(fi)))
+
+    @_errors
+    def getattr_values(self, path: str, fi: Any = None) -> tuple[int, ...]:
+        """`getattr` as `stat_values` (what `_FUSE.fgetattr` packs)."""
+        self._after_init()
+        return self.stat_values(path, self.fs.getattr(path, _fh(fi)))
 
     def _listing(self, path: str) -> list[tuple[str, str, Node | None]]:
         """(name, path, node) of every entry; node None for . and .. (type and inode only)."""
@@ -282,6 +383,14 @@ class FuseOps(fuse.Operations):  # type: ignore[misc]
         if node is None:
             return {"st_ino": inode_number(path), "st_mode": stat.S_IFDIR}
         return self._stat(path, node)
+
+    def entry_values(self, entry: tuple[str, str, Node | None], full: bool) -> tuple[int, ...]:
+        """`entry_attrs` as `stat_values`; without `full` only the inode number and type."""
+        _, path, node = entry
+        if full and node is not None:
+            return self.stat_values(path, node)
+        mode = stat.S_IFDIR if node is None or node.is_dir else stat.S_IFREG
+        return (inode_number(path), 0, mode, *_NO_VALUES)
 
     @_errors
     def opendir(self, path: str) -> int:
@@ -452,19 +561,23 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
         name = None if path is None else path.decode(self.encoding, self.errors)
         entries = ops.dir_entries(name, fip.contents.fh, offset)
         plus = bool(flags & FUSE_READDIR_PLUS)
-        st = fuse.c_stat()
+        raw = bytearray(STAT.size)
+        st = fuse.c_stat.from_buffer(raw)
         for index in range(offset, len(entries)):
             entry = entries[index]
-            attrs = ops.entry_attrs(entry)
-            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             full = plus and entry[2] is not None
-            if full:
-                fuse.set_st_attrs(st, attrs, use_ns=True)
-            else:
-                st.st_mode, st.st_ino = attrs["st_mode"], attrs["st_ino"]
+            STAT.pack_into(raw, ops.entry_values(entry, full))
             fill = FUSE_FILL_DIR_PLUS if full else 0
             if filler(buf, entry[0].encode(self.encoding, self.errors), st, index + 1, fill):
                 break
+        return 0
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        # mfusepy's fgetattr sets each field from getattr's dict (see StatPacker).
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        values = self.operations.getattr_values(name, fip.contents if fip else None)
+        data = STAT.pack(values)
+        ctypes.memmove(buf, data, len(data))
         return 0
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
