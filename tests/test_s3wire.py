@@ -1039,6 +1039,45 @@ def test_error_sent_with_a_200_to_complete_is_retried_then_raised(canned: Canned
     store.close()
 
 
+def test_complete_done_by_an_earlier_attempt_is_found_by_its_etag(canned: CannedS3) -> None:
+    # A Complete that timed out on our side may have completed; the retry then finds no
+    # upload (NoSuchUpload on S3, a 500 on moto). The object there is ours when its ETag is
+    # the multipart ETag of our parts and its size and metadata are ours.
+    store = _canned_store(canned)  # timeout 10: 2 attempts
+    digests = [hashlib.md5(b"one").hexdigest(), hashlib.md5(b"two").hexdigest()]
+    joined = bytes.fromhex(digests[0]) + bytes.fromhex(digests[1])
+    ours = hashlib.md5(joined).hexdigest() + "-2"
+    size = 5 * 1024 * 1024 + 3
+
+    def head(etag: str, mode: str = "600") -> Reply:
+        headers = {"ETag": f'"{etag}"', "Content-Length": str(size), "x-amz-meta-mode": mode}
+        return Reply(200, {**headers, "Last-Modified": LAST_MODIFIED})
+
+    def upload() -> _S3Upload:
+        made = _S3Upload(store, "k", "p/k", {"mode": "600"})
+        made._upload_id = "up1"
+        made._parts = {1: (f'"{digests[0]}"', 5 * 1024 * 1024), 2: (f'"{digests[1]}"', 3)}
+        return made
+
+    canned.replies.extend([_xml_error(500, "InternalError")] * 2 + [head(ours)])
+    info = upload().complete(2)
+    assert (info.etag, info.size) == (ours, size)
+    assert [seen.method for seen in canned.seen] == ["POST", "POST", "HEAD"]  # no abort
+    for other in (head("0" * 32 + "-2"), head(ours, mode="644")):
+        canned.seen.clear()
+        canned.replies.extend([_xml_error(404, "NoSuchUpload"), other, Reply(204, {})])
+        with pytest.raises(StoreError):
+            upload().complete(2)
+        assert [seen.method for seen in canned.seen] == ["POST", "HEAD", "DELETE"]
+    # Refused for another reason (403): no HEAD, aborted.
+    canned.seen.clear()
+    canned.replies.extend([_xml_error(403, "AccessDenied"), Reply(204, {})])
+    with pytest.raises(StoreError):
+        upload().complete(2)
+    assert [seen.method for seen in canned.seen] == ["POST", "DELETE"]
+    store.close()
+
+
 @pytest.mark.seaweedfs
 def test_seaweedfs_rejects_a_part_not_matching_its_crc(
     seaweed_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

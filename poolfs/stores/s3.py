@@ -84,8 +84,10 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -136,6 +138,7 @@ _R = TypeVar("_R")
 # S3 allows at most 10,000 parts per multipart upload.
 _MAX_PARTS = 10_000
 _PAGE_SIZE = 1000
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")  # a part's ETag when the server stores it unencrypted
 # Headers a metadata-replacing copy would otherwise reset to defaults.
 _KEPT_HEADERS = tuple(KEPT_HEADERS.values())  # the content headers a copy keeps
 
@@ -996,10 +999,13 @@ class _S3Upload(Upload):
                 _signature_rejected,
             )
         except BaseException as exc:
-            self.abort()
-            if isinstance(exc, _BOTO_ERRORS):
-                store._fail("put", self.key, exc)
-            raise
+            done = self._completed_before(exc, stored, size)
+            if done is None:
+                self.abort()
+                if isinstance(exc, _BOTO_ERRORS):
+                    store._fail("put", self.key, exc)
+                raise
+            response = done
         with self._lock:
             self._ended = True
         etag = _unquote(response["ETag"])
@@ -1014,6 +1020,43 @@ class _S3Upload(Upload):
             else:
                 info = store._info(self.key, size, head)
         return info
+
+    def _completed_before(
+        self, exc: BaseException, stored: list[tuple[int, str, int]], size: int
+    ) -> Mapping[str, Any] | None:
+        """After a failed CompleteMultipartUpload: the object's HEAD if an earlier attempt
+        completed this upload, else None.
+
+        A Complete that timed out on our side may still have completed; its retry then finds
+        no upload (404 NoSuchUpload on S3, a 500 on moto). The object is ours when its ETag is
+        the multipart ETag of our parts (MD5 of the parts' MD5s, "-count"), its size ours and
+        its metadata ours: then it holds exactly what this upload would have stored.
+        """
+        if not isinstance(exc, _BOTO_ERRORS):
+            return None
+        if isinstance(exc, botocore.exceptions.ClientError) and not (
+            _status(exc) >= 500 or _code(exc) == "NoSuchUpload"
+        ):
+            return None
+        digests = [_unquote(etag) for _, etag, _ in stored]
+        if not all(_MD5_HEX.fullmatch(d) for d in digests):
+            return None  # not MD5 ETags (SSE-KMS, other servers): no way to tell
+        joined = b"".join(bytes.fromhex(d) for d in digests)
+        expected = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
+        store = self._store
+        try:
+            head = store._head_object("put", self._s3key, None)
+        except _BOTO_ERRORS:
+            return None
+        metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+        if (
+            _unquote(head.get("ETag", "")) != expected
+            or head.get("ContentLength") != size
+            or metadata != {k.lower(): v for k, v in self._meta.items()}
+        ):
+            return None
+        log.info("s3 put %s: completed by an earlier attempt (%s)", store._where(self.key), exc)
+        return head
 
     def abort(self) -> None:
         with self._lock:
