@@ -16,8 +16,8 @@ Rules:
 - At most `limit` buffers exist; beyond that `take()` returns None (the caller allocates).
 - Buffers unused for `idle` seconds are dropped (unmapped) by a small janitor thread that
   runs only while the pool holds buffers: an idle mount goes back to its resting memory.
-- Buffers are anonymous mmaps of `size` bytes, advised MADV_HUGEPAGE where available (the
-  same policy as the worker's malloc, poolfs/mounts.py).
+- Buffers are private anonymous mmaps of `size` bytes, advised MADV_HUGEPAGE where
+  available; the worker's malloc no longer uses huge pages (poolfs/mounts.py says why).
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ Invariants a newcomer must keep:
 - Signature: SigV4 with the empty-body SHA-256 as payload hash (valid for GET/HEAD over http
   and https); the signing key is cached per (secret, date, region). The small XML bodies of
   CompleteMultipartUpload are signed with their SHA-256. PutObject and UploadPart bodies are
-  sent as `UNSIGNED-PAYLOAD` (accepted over http and https), streamed from the staging file in
-  1 MiB preads (or from memory), and made anew for every attempt. Integrity: over https as
+  sent as `UNSIGNED-PAYLOAD` (accepted over http and https), from the staging file with
+  sendfile(2) over http (`_SendfileConnection`) or in 1 MiB preads over https (or from
+  memory), and sent anew from the file for every attempt. Integrity: over https as
   botocore's own client (`request_checksum_calculation="when_required"`: TLS, no body
   checksum); over http an `x-amz-checksum-crc32` header (ISA-L's crc32: ~0.02 ms per MiB,
   zlib's ~0.37 ms, SHA-256 ~0.6 ms) that the server checks (SeaweedFS answers BadDigest on a
