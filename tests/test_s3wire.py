@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import datetime
 import hashlib
 import http.server
@@ -1063,6 +1064,13 @@ def test_complete_done_by_an_earlier_attempt_is_found_by_its_etag(canned: Canned
     info = upload().complete(2)
     assert (info.etag, info.size) == (ours, size)
     assert [seen.method for seen in canned.seen] == ["POST", "POST", "HEAD"]  # no abort
+    # Still being assembled when the retry failed (moto drops the upload first): asked again.
+    canned.seen.clear()
+    canned.replies.extend([_xml_error(404, "NoSuchUpload"), Reply(404, {}), head(ours)])
+    assert upload().complete(2).etag == ours
+    assert [seen.method for seen in canned.seen] == ["POST", "HEAD", "HEAD"]
+    # Not ours: no waiting beyond one attempt's read timeout (none here), then aborted.
+    store.budget = dataclasses.replace(store.budget, read_timeout=0.0)
     for other in (head("0" * 32 + "-2"), head(ours, mode="644")):
         canned.seen.clear()
         canned.replies.extend([_xml_error(404, "NoSuchUpload"), other, Reply(204, {})])

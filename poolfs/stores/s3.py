@@ -1027,10 +1027,12 @@ class _S3Upload(Upload):
         """After a failed CompleteMultipartUpload: the object's HEAD if an earlier attempt
         completed this upload, else None.
 
-        A Complete that timed out on our side may still have completed; its retry then finds
-        no upload (404 NoSuchUpload on S3, a 500 on moto). The object is ours when its ETag is
-        the multipart ETag of our parts (MD5 of the parts' MD5s, "-count"), its size ours and
-        its metadata ours: then it holds exactly what this upload would have stored.
+        A Complete that timed out on our side may still have completed, or still be
+        completing; its retry then finds no upload (404 NoSuchUpload on S3, a 500 on moto).
+        The object is ours when its ETag is the multipart ETag of our parts (MD5 of the parts'
+        MD5s, "-count"), its size ours and its metadata ours: then it holds exactly what this
+        upload would have stored. A server still assembling it (moto drops the upload before
+        it stores the object) gets as long as one attempt's read timeout to show it.
         """
         if not isinstance(exc, _BOTO_ERRORS):
             return None
@@ -1044,19 +1046,25 @@ class _S3Upload(Upload):
         joined = b"".join(bytes.fromhex(d) for d in digests)
         expected = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
         store = self._store
-        try:
-            head = store._head_object("put", self._s3key, None)
-        except _BOTO_ERRORS:
-            return None
-        metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
-        if (
-            _unquote(head.get("ETag", "")) != expected
-            or head.get("ContentLength") != size
-            or metadata != {k.lower(): v for k, v in self._meta.items()}
-        ):
-            return None
-        log.info("s3 put %s: completed by an earlier attempt (%s)", store._where(self.key), exc)
-        return head
+        meta = {k.lower(): v for k, v in self._meta.items()}
+        deadline = time.monotonic() + store.budget.read_timeout
+        while True:
+            try:
+                head = store._head_object("put", self._s3key, None)
+            except _BOTO_ERRORS:
+                head = None
+            if (
+                head is not None
+                and _unquote(head.get("ETag", "")) == expected
+                and head.get("ContentLength") == size
+                and {k.lower(): v for k, v in head.get("Metadata", {}).items()} == meta
+            ):
+                where = store._where(self.key)
+                log.info("s3 put %s: completed by an earlier attempt (%s)", where, exc)
+                return head
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def abort(self) -> None:
         with self._lock:
